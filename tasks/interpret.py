@@ -21,8 +21,9 @@ how to check what those pictures suggest with measurements instead of eyeballing
     python tasks/interpret.py
     python tasks/interpret.py --help
 
-Expected at defaults: about 99.1% test accuracy, every class visualisation classified as its digit
-with confidence >= 0.9, 7 measured findings, in about 2 minutes on a 2-core CPU. Outputs in
+Expected at defaults (seed 0, measured): 99.20% test accuracy, every class visualisation classified
+as its digit with confidence 1.000 (bar 0.9), 7 measured findings; about 115 s of CPU time
+(user+sys), so at most about 2 minutes of wall time on 2 cores. Outputs in
 runs/interpret/: metrics.json, report.md, class_visualisations.png, deep_dream.png,
 first_layer_channels.png, saliency.png, ablation.png.
 
@@ -75,7 +76,7 @@ class Config:
     width: int = 16
     """channels of the first conv layer; the second has twice as many"""
     vis_steps: int = 256
-    """gradient-ascent steps of each class visualisation (deep dream uses half per octave)"""
+    """gradient-ascent steps of each class visualisation (deep dream: an eighth, per octave)"""
     num_saliency_digits: int = 100
     """test digits on which occlusion and gradient saliency are measured"""
     ablate_k: int = 3
@@ -280,7 +281,7 @@ def deep_dream(
     key: jax.Array,
     layer: str = "conv2",
     channels: jax.Array | None = None,
-    steps: int = 64,
+    steps: int = 32,
     step_size: float = 0.02,
     octaves: tuple[int, ...] = (14, 20, 28),
     jitter: int = 1,
@@ -290,6 +291,8 @@ def deep_dream(
     At each octave the image is optimised at that resolution and resized to 28x28 for the model;
     the detail it gained (x - base) is upsampled and added to the next, finer octave's base.
     """
+    if octaves[-1] != images.shape[1]:
+        raise ValueError(f"the last octave must be the image size {images.shape[1]}, got {octaves}")
     channels = -jnp.ones(images.shape[0], jnp.int32) if channels is None else channels
 
     def total_objective(x_small, key):
@@ -483,7 +486,7 @@ def save_deep_dream(originals, layer_dreams, channel_dreams, labels, chan_classe
     plt.close(fig)
 
 
-def save_first_layer(kernels, digit, a1, tuning, osi, path):
+def save_first_layer(kernels, a1, tuning, osi, path):
     num = kernels.shape[-1]
     fig, axes = plt.subplots(3, num, figsize=(1.3 * num, 4.6))
     degrees = np.arange(tuning.shape[1]) * 180 / tuning.shape[1]
@@ -518,7 +521,11 @@ def save_saliency(images, occlusion, grads, labels, path):
     for i in range(n):
         axes[0, i].imshow(images[i], cmap="gray")
         axes[0, i].set_title(f"label {labels[i]}", fontsize=9)
-        axes[1, i].imshow(occlusion[i], cmap="RdBu_r", vmin=-1, vmax=1)
+        # Occlusion cell (r, c) is the 6x6 patch starting at pixel (2r, 2c): centre 2r + 3.
+        axes[1, i].contour(images[i], levels=[0.5], colors="gray", linewidths=0.7)
+        axes[1, i].imshow(occlusion[i], cmap="RdBu_r", vmin=-1, vmax=1, extent=(2, 26, 26, 2))
+        axes[1, i].set_xlim(0, 28)
+        axes[1, i].set_ylim(28, 0)
         axes[2, i].imshow(grads[i], cmap="hot")
         for ax in axes[:, i]:
             ax.set_xticks([])
@@ -559,15 +566,18 @@ def verdicts(m: dict) -> dict[str, bool]:
         # the own class mean is the best match for >= 7 of 10 and correlates more than the others
         "prototype": m["classvis_best_match"] >= 7
         and m["classvis_corr_own_mean"] > m["classvis_corr_other_mean"],
-        # a class-selective channel raises p(k) on average and flips at least 3 of 10 dreams
-        "dream_steers": m["dream_channel_prob_rise"] > 0 and m["dream_channel_flips"] >= 3,
-        # the best patch matters >= 5x more than the median patch that contains ink
-        "local": m["occlusion_top_drop"] >= 5 * max(m["occlusion_median_ink_drop"], 1e-3),
+        # a class-selective channel flips at least 3 of 10 dreams / raises p(k) by >= 0.05
+        "dream_steers": m["dream_channel_flips"] >= 3,
+        "dream_raises": m["dream_channel_prob_rise"] >= 0.05,
+        # the best patch lowers p(label) by >= 0.1 and >= 5x more than the median ink patch
+        "local": m["occlusion_top_drop"] >= max(5 * m["occlusion_median_ink_drop"], 0.1),
         # >= 30% of the gradient saliency lies on background pixels
         "reads_background": m["saliency_background_share"] >= 0.3,
         # top-k ablation hurts its own class >= 2x more than other classes and random channels
         "class_specific": m["ablation_target_drop"]
         >= 2 * max(m["ablation_other_drop"], m["ablation_random_drop"], 1e-3),
+        # ... and that also holds class by class for at least half of the classes
+        "specific_per_class": m["ablation_specific_classes"] >= 5,
         # more than half the first-layer channels have orientation selectivity index > 0.5
         "oriented": m["orientation_selective_channels"] > m["num_conv1_channels"] / 2,
     }
@@ -597,16 +607,23 @@ def report_findings(m: dict) -> list[str]:
             if v["prototype"]
             else "What maximises a logit is not a prototype of the digit's usual ink layout."
         ),
-        f"**Dreaming a class-selective channel "
-        f"{'steers' if v['dream_steers'] else 'barely steers'} the prediction.** Amplifying, "
+        "**Dreaming a class-selective channel "
+        + (
+            "steers the prediction"
+            if v["dream_steers"]
+            else "raises p(k) but rarely flips the prediction"
+            if v["dream_raises"]
+            else "does not steer the prediction"
+        )
+        + ".** Amplifying, "
         f"in a real digit of another class, the conv2 channel most "
         f"selective for class k moves p(k) from {m['dream_channel_prob_before']:.3f} to "
         f"{m['dream_channel_prob_after']:.3f} on average, and the prediction becomes k in "
         f"{m['dream_channel_flips']}/10 dreams. Dreaming the whole conv2 layer instead keeps the "
         f"original label in {m['dream_layer_kept']}/10 digits (mean p(label) "
         f"{m['dream_layer_confidence']:.3f}).",
-        f"**The decision rests on {'a few local parts' if v['local'] else 'evidence spread out'} "
-        f"{'of' if v['local'] else 'over'} the digit.** Erasing the single most important 6x6 "
+        f"**Evidence is {'concentrated in a few parts' if v['local'] else 'spread over'} "
+        f"{'of ' if v['local'] else ''}the digit.** Erasing the single most important 6x6 "
         f"patch lowers p(label) by {m['occlusion_top_drop']:.3f} on average and flips the "
         f"prediction in {100 * m['occlusion_flip_rate']:.0f}% of {m['num_saliency_digits']} test "
         f"digits, while erasing the median patch that contains ink lowers it by "
@@ -614,21 +631,26 @@ def report_findings(m: dict) -> list[str]:
         f"**The model {'also reads' if v['reads_background'] else 'mostly ignores'} where ink is "
         f"absent.** {100 * m['saliency_background_share']:.0f}% of the gradient saliency "
         f"|d log p / dx| falls on background pixels (value < 0.1, "
-        f"{100 * m['background_area_share']:.0f}% of the area), so adding ink there would change "
-        f"the output; per pixel, ink is {m['saliency_ink_to_background']:.1f}x as salient.",
-        f"**Second-layer channels are {'class-specific' if v['class_specific'] else 'shared'}.** "
+        f"{100 * m['background_area_share']:.0f}% of the area): the output is sensitive to ink "
+        f"added there, not only to the strokes themselves; per pixel, ink is "
+        f"{m['saliency_ink_to_background']:.1f}x as salient.",
+        "**Second-layer channels are "
+        + (
+            "class-specific"
+            if v["class_specific"] and v["specific_per_class"]
+            else "class-specific for some classes"
+            if v["class_specific"]
+            else "shared between classes"
+        )
+        + f".** "
         f"Zeroing the {m['ablate_k']} conv2 channels most selective for a class (chosen on the "
         f"validation split) lowers that class's test accuracy by "
         f"{100 * m['ablation_target_drop']:.2f} points on average, the other classes' by "
         f"{100 * m['ablation_other_drop']:.2f} points, while {m['ablate_k']} random channels lower "
-        f"it by {100 * m['ablation_random_drop']:.2f} points. "
-        + (
-            "Each digit leans on a few dedicated mid-level features."
-            if v["class_specific"]
-            else "Removing a few channels barely singles out one digit: the evidence is shared."
-        ),
-        f"**{'Most' if v['oriented'] else 'Only some'} first-layer channels are oriented edge "
-        f"detectors.** {m['orientation_selective_channels']}/{m['num_conv1_channels']} conv1 "
+        f"it by {100 * m['ablation_random_drop']:.2f} points. Class by class, the own-class drop "
+        f"is at least twice both controls for {m['ablation_specific_classes']}/10 digits.",
+        f"**{'Most' if v['oriented'] else 'Only some'} first-layer channels are tuned to stroke "
+        f"orientation.** {m['orientation_selective_channels']}/{m['num_conv1_channels']} conv1 "
         f"channels have an orientation selectivity index above 0.5 on sinusoidal gratings (median "
         f"{m['median_orientation_selectivity']:.2f}); their preferred angles cover "
         f"{m['distinct_preferred_orientations']} of 8 orientation bins.",
@@ -638,17 +660,19 @@ def report_findings(m: dict) -> list[str]:
 
 def render_report(m: dict, findings: list[str]) -> str:
     v = verdicts(m)
+    specific = "tied to single digits" if v["class_specific"] else "shared between digits"
+    if v["class_specific"] and not v["specific_per_class"]:
+        specific = "tied to single digits for some classes"
     summary = (
         f"A CNN (conv5x5 {m['num_conv1_channels']} - conv3x3 {2 * m['num_conv1_channels']} - dense "
         f"128 - 10) trained for {m['epochs']} epochs reaches {100 * m['test_accuracy']:.2f}% test "
         f"accuracy (validation {100 * m['val_accuracy']:.2f}%). How it recognises digits, as far "
         f"as this run measured: the first layer {'mostly' if v['oriented'] else 'partly'} detects "
-        f"oriented strokes (finding 7); second-layer features are "
-        f"{'tied to single digits' if v['class_specific'] else 'shared between digits'} "
-        f"(findings 3 and 6); the decision "
-        f"{'hinges on a few local parts' if v['local'] else 'draws on the whole digit'} "
-        f"(finding 4) and {'also' if v['reads_background'] else 'hardly'} on where ink is absent "
-        f"(finding 5); and the input each logit wants "
+        f"oriented strokes (finding 7); ablation shows second-layer features {specific} "
+        f"(finding 6); the evidence is "
+        f"{'concentrated in a few parts of the digit' if v['local'] else 'spread over the digit'} "
+        f"(finding 4); the output {'also' if v['reads_background'] else 'hardly'} depends on "
+        f"where ink is absent (finding 5); and the input each logit wants "
         f"{'looks like' if v['prototype'] else 'does not look like'} the average digit (finding 2)."
     )
     lines = ["# What the MNIST CNN looks at: measured findings", "", summary, ""]
@@ -706,7 +730,6 @@ def main(cfg: Config) -> dict:
     test_acc = float((np.asarray(model.head(test_feats)).argmax(1) == y_test).mean())
     print(f"test_accuracy={test_acc:.4f}")
 
-    print("PHASE", "# Class visualisatio", time.process_time(), time.time() - t0)  # TMP
     # Class visualisations, and how they compare with each class's mean training digit.
     key, sub = jax.random.split(key)
     vis = class_visualisations(model, sub, steps=cfg.vis_steps)  # (10, 28, 28, 1)
@@ -717,13 +740,11 @@ def main(cfg: Config) -> dict:
     corr = np.corrcoef(np.concatenate([np.asarray(v), mu]))[:10, 10:]  # (vis c, mean d)
     off = ~np.eye(10, dtype=bool)
 
-    print("PHASE", "# Second-layer chann", time.process_time(), time.time() - t0)  # TMP
     # Second-layer channel selectivity, on the validation split.
     val_acts = np.asarray(features_of(model, x_val).mean((1, 2)))  # (N_val, 2w)
     selectivity = channel_selectivity(val_acts, y_val)  # (10, 2w)
     best_channel = selectivity.argmax(1)  # (10,)
 
-    print("PHASE", "# Deep dream from on", time.process_time(), time.time() - t0)  # TMP
     # Deep dream from one real test digit per class: whole conv2 layer, and single channels.
     idx = np.array([np.flatnonzero(y_test == c)[0] for c in range(10)])
     originals = to_input(jnp.asarray(x_test[idx]))  # (10, 28, 28, 1)
@@ -738,7 +759,7 @@ def main(cfg: Config) -> dict:
         sub,
         "conv2",
         channels,
-        max(cfg.vis_steps // 2, 1),
+        max(cfg.vis_steps // 8, 1),
     )
     layer_dreams, channel_dreams = dreams[:10], dreams[10:]
     p_before = np.asarray(jax.nn.softmax(model(originals)))[np.arange(10), chan_classes]
@@ -746,7 +767,6 @@ def main(cfg: Config) -> dict:
     p_after = p_dream[np.arange(10), chan_classes]
     p_layer = np.asarray(jax.nn.softmax(model(layer_dreams)))
 
-    print("PHASE", "# Saliency: occ", time.process_time(), time.time() - t0)  # TMP
     # Saliency: occlusion and gradient, on the first test digits.
     xs = to_input(jnp.asarray(x_test[: cfg.num_saliency_digits]))
     ys = jnp.asarray(y_test[: cfg.num_saliency_digits])
@@ -769,7 +789,6 @@ def main(cfg: Config) -> dict:
     ink_density = (grads * ~background).sum() / (~background).sum()
     bg_density = (grads * background).sum() / background.sum()
 
-    print("PHASE", "# Ablation: per", time.process_time(), time.time() - t0)  # TMP
     # Ablation: per-class test accuracy with each class's top-k selective channels zeroed.
     rng = np.random.default_rng(cfg.seed)
     random_masks = np.ones((10, 2 * cfg.width))
@@ -784,15 +803,14 @@ def main(cfg: Config) -> dict:
     base_acc = acc[0]  # (10,)
     drops = base_acc[None] - acc[1:11]  # drops[c, d]: class d's drop when class c's channels go
     random_drop = base_acc - np.diag(acc[11:])  # class c's drop with random channels ablated
+    other_drop = drops[~np.eye(10, dtype=bool)].reshape(10, 9).mean(1)  # other classes, per c
 
-    print("PHASE", "# First-layer channe", time.process_time(), time.time() - t0)  # TMP
     # First-layer channels.
     tuning = grating_tuning(model)
     osi = orientation_selectivity(tuning)
     a1 = np.asarray(model.forward(originals[:1])[1]["conv1"][0])
     kernels = np.asarray(model.conv1.linear.kernel[...]).reshape(5, 5, cfg.width)
 
-    print("PHASE", "m = {", time.process_time(), time.time() - t0)  # TMP
     m = {
         "task": "interpret",
         "seed": cfg.seed,
@@ -825,6 +843,9 @@ def main(cfg: Config) -> dict:
         "ablation_target_drop": float(np.diag(drops).mean()),
         "ablation_other_drop": float(drops[~np.eye(10, dtype=bool)].mean()),
         "ablation_random_drop": float(random_drop.mean()),
+        "ablation_specific_classes": int(
+            (np.diag(drops) >= 2 * np.maximum(np.maximum(other_drop, random_drop), 1e-3)).sum()
+        ),
         "num_conv1_channels": cfg.width,
         "orientation_selective_channels": int((osi > 0.5).sum()),
         "median_orientation_selectivity": float(np.median(osi)),
@@ -847,14 +868,12 @@ def main(cfg: Config) -> dict:
         p_after,
         out / "deep_dream.png",
     )
-    save_first_layer(
-        kernels, np.asarray(originals[0, ..., 0]), a1, tuning, osi, out / "first_layer_channels.png"
-    )
+    save_first_layer(kernels, a1, tuning, osi, out / "first_layer_channels.png")
     save_saliency(np.asarray(xs[..., 0]), occ, grads, np.asarray(ys), out / "saliency.png")
     save_ablation(
         base_acc,
         np.diag(drops),
-        drops[~np.eye(10, dtype=bool)].reshape(10, 9).mean(1),
+        other_drop,
         random_drop,
         cfg.ablate_k,
         out / "ablation.png",

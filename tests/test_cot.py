@@ -11,7 +11,7 @@ REQUESTS = np.array([[0, 0, 100], [1, 23, 71], [2, 12, 0], [3, 57, 0]])
 def test_cot_causal_mask():
     """Changing token j leaves the logits at every position before j unchanged."""
     init, apply = cot.make_model_fns(cot.Config(d_model=16, n_heads=2))
-    params = init(jax.random.key(0))
+    params, apply = init(jax.random.key(0)), jax.jit(apply)
     tokens = jax.random.randint(jax.random.key(1), (2, cot.SEQ_LEN), 0, cot.VOCAB)
     base = apply(params, tokens)
     for j in (1, 6, cot.SEQ_LEN - 1):
@@ -166,8 +166,9 @@ def test_cot_sampling_is_deterministic():
 
 def test_cot_tiny_config_learns(tmp_path):
     """300 steps of a small model: both arms learn the format and mostly valid answers.
-    Untrained, validity is ~0. Calibrated over seeds 0, 1, 2 (one model per arm each):
-    mean seen validity cot 0.82 / ..., direct 0.81 / ...; held-out cot validity 0.86 / ... ."""
+    Untrained, validity is ~0. Measured for seeds 0, 1, 2 (one model per arm each): mean seen
+    validity cot 0.816 / 0.836 / 0.844, direct 0.812 / 0.828 / 0.828; held-out cot validity
+    0.865 / 0.771 / 0.781; tokens per CoT answer 8.67 / 8.66 / 8.73 (8.71 for the exact format)."""
     cfg = cot.Config(
         steps=300,
         batch_size=64,

@@ -68,6 +68,9 @@ def test_hdqn_value_iteration_gives_gamblers_ruin_optimum():
     assert hdqn.solve_mdp(50) == pytest.approx(0.208, abs=1e-4)  # the default time limit
     always_left = hdqn.solve_mdp(50, policy=np.array([1.0, 0.0]))
     assert always_left == pytest.approx(0.01)
+    # "always right" needs no memory: optimal without a time limit, 0.1755 with 50 steps
+    assert hdqn.solve_mdp(2_000, policy=np.array([0.0, 1.0])) == pytest.approx(0.208, abs=1e-9)
+    assert hdqn.solve_mdp(50, policy=np.array([0.0, 1.0])) == pytest.approx(0.1755, abs=1e-4)
 
 
 def test_hdqn_observations_are_one_hot():

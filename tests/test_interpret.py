@@ -36,9 +36,9 @@ def test_interpret_patch_conv_matches_lax_conv():
 
 def test_interpret_tiny_training_learns(interpret_tiny):
     # Calibrated over seeds 0, 1, 2 (this config, learning_rate 3e-3): validation accuracy
-    # 0.9xx / 0.9xx / 0.9xx. Chance is 0.1; the bar leaves a wide margin.
+    # 0.944 / 0.946 / 0.942 after 2 epochs. Chance is 0.1.
     _, history, _, _ = interpret_tiny
-    assert history[-1][1] > 0.85
+    assert history[-1][1] > 0.90
     assert history[-1][0] < history[0][0]
 
 
@@ -68,7 +68,8 @@ def test_interpret_deep_dream_stays_in_range_and_amplifies(interpret_tiny):
             x, channels
         )
 
-    assert np.all(np.asarray(objective(dreams)) > np.asarray(objective(images)))
+    # Seeds 0, 1, 2 of the fixture: the objective grew at least 4.2x / 2.3x / 5.1x.
+    assert np.all(np.asarray(objective(dreams)) > 1.5 * np.asarray(objective(images)))
 
 
 def test_interpret_class_visualisation_raises_target_logit(interpret_tiny):
@@ -78,7 +79,9 @@ def test_interpret_class_visualisation_raises_target_logit(interpret_tiny):
     vis = interpret.class_visualisations(model, key, steps=64)
     assert float(vis.min()) >= 0.0 and float(vis.max()) <= 1.0
     before, after = np.diag(np.asarray(model(start))), np.diag(np.asarray(model(vis)))
-    assert np.all(after > before + 1.0)
+    # Seeds 0, 1, 2 of the fixture: the smallest rise of a target logit was 4.4 / 5.2 / 5.2, and
+    # all 10 visualisations were classified as their digit.
+    assert np.all(after > before + 2.0)
     assert (np.asarray(model(vis)).argmax(1) == np.arange(10)).sum() >= 9
 
 

@@ -102,7 +102,8 @@ def test_reverse_digits_same_seed_same_result(tmp_path):
 
 
 def test_reverse_digits_tiny_config_learns(tmp_path):
-    # seeds 0, 1, 2 measured exact_match = token_accuracy = 1.000 at 200 steps (steps=20: ~0)
+    # seeds 0, 1, 2 measured exact_match = token_accuracy = 1.000 at 200 steps
+    # (at 20 steps: 0.000, at 60 steps: 0.296, so the bar can fail)
     m = rd.main(rd.Config(out_dir=str(tmp_path), seed=0, **TINY))
     assert m["exact_match"] >= 0.9, m
     assert m["token_accuracy"] >= 0.97, m

@@ -12,12 +12,12 @@ from flax import nnx
 
 TINY = sl.Config(
     num_widths=3,
-    num_data_sizes=3,
+    num_data_sizes=7,
     base_channels=8,
-    steps=60,
+    steps=100,
     batch_size=64,
-    learning_rate=3e-3,
-    eval_every=20,
+    learning_rate=5e-3,
+    eval_every=25,
     num_seeds=1,
     val_size=2000,
 )
@@ -47,7 +47,7 @@ def test_scaling_laws_joint_fit_recovers_known_law():
     assert fit["r2"] > 0.9999
 
 
-@pytest.mark.parametrize("channels", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("channels", [1, 2, 16])
 def test_scaling_laws_param_count_matches_model(channels):
     params = nnx.state(sl.CNN(channels, nnx.Rngs(0)), nnx.Param)
     counted = sum(leaf.size for leaf in jax.tree.leaves(params))
@@ -114,16 +114,23 @@ def test_scaling_laws_tiny_run_learns_and_writes_outputs(scaling_laws_tiny_run):
         assert (out / name).exists()
     for key in ("model_alpha", "model_r2", "data_alpha", "data_r2", "joint_alpha", "joint_beta"):
         assert math.isfinite(metrics[key]), key
-    # Calibrated over seeds 0, 1, 2 (see the report): full-model validation accuracy
-    # 0.9xx after 60 steps; more data and more width both lower the loss.
+    # Calibrated over seeds 0, 1, 2: full-model validation accuracy 0.890 / 0.900 / 0.890 after
+    # 100 steps; narrowest minus widest loss 0.22 / 0.22 / 0.28; 1/64 of the data minus all of
+    # it 0.076 / 0.053 / 0.067. More width and more data both lower the validation loss.
+    runs = json.loads((out / "runs.json").read_text())
+    loss = {(r["channels"], r["n_train"]): r["val_loss"] for r in runs}
+    widest, full_d = max(c for c, _ in loss), max(d for _, d in loss)
     assert metrics["full_val_accuracy"] > 0.85
-    assert metrics["model_alpha"] > 0.05
-    assert metrics["data_alpha"] > 0.05
+    assert loss[(widest, full_d)] < loss[(min(c for c, _ in loss), full_d)] - 0.1
+    assert loss[(widest, full_d)] < loss[(widest, min(d for _, d in loss))] - 0.02
 
 
-def test_scaling_laws_same_seed_same_metrics(scaling_laws_tiny_run, tmp_path):
-    metrics, _ = scaling_laws_tiny_run
-    again = sl.main(dataclasses.replace(TINY, out_dir=str(tmp_path), joint_grid=False))
-    # The grid is off here, so compare the parts that do not depend on it.
-    for key in ("model_alpha", "model_E", "data_alpha", "data_r2", "full_val_loss"):
-        assert again[key] == metrics[key], key
+def test_scaling_laws_same_seed_same_run(scaling_laws_tiny_run):
+    # Re-train one run of the sweep from scratch (a fresh compilation): bit-identical result.
+    _, out = scaling_laws_tiny_run
+    first = json.loads((out / "runs.json").read_text())
+    narrowest = min(r["channels"] for r in first)
+    target = next(r for r in first if r["channels"] == narrowest)
+    again = sl.run_sweeps(TINY, sl.load_splits(TINY), [(narrowest, target["n_train"])])[0]
+    assert again["val_loss_curve"] == target["val_loss_curve"]
+    assert again["val_loss"] == target["val_loss"]
