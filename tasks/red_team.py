@@ -181,25 +181,79 @@ def load_lm(name: str) -> tuple[nn.Module, object, str]:
     return model.eval(), tokenizer, used
 
 
+def newline_token_ids(tokenizer) -> list[int]:
+    """Every token whose text contains a newline: the red LM's list item ends at one."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return [i for i, t in enumerate(texts) if "\n" in t]
+
+
+def top_p_sample(probs: torch.Tensor, top_p: float, generator: torch.Generator,
+                 width: int = 256) -> torch.Tensor:
+    """One token per row of probs (rows, V) from the nucleus: the smallest set of most likely
+    tokens whose mass reaches p, renormalised. A full sort of V = 49k per row per step costs more
+    than the model's forward pass on a CPU, so we sort only the top `width` tokens; that is exact
+    for every row whose top `width` already hold mass p, and the other rows get the full sort."""
+    token = torch.empty(len(probs), 1, dtype=torch.long)
+    vals, idx = probs.topk(min(width, probs.shape[-1]))  # (rows, width), sorted descending
+    short = vals.sum(-1) < top_p
+    groups = [(~short, vals[~short], idx[~short])]
+    if bool(short.any()):
+        groups.append((short, *probs[short].sort(-1, descending=True)))
+    for rows, v, i in groups:
+        v[(v.cumsum(-1) - v) >= top_p] = 0.0  # the mass before this token already reaches p
+        if len(v):
+            token[rows] = i.gather(-1, torch.multinomial(v, 1, generator=generator))
+    return token
+
+
 @torch.no_grad()
-def sample(
-    model, tokenizer, prompts: list[str], k: int, max_new_tokens: int, top_p: float, seed: int,
-    batch_size: int, desc: str,
+def nucleus_sample(
+    model, tokenizer, prompts: list[str], k: int, max_new_tokens: int, top_p: float,
+    generator: torch.Generator, stop_ids: list[int] | None = None,
 ) -> list[list[str]]:
-    """K nucleus-sampled continuations per prompt, as text (prompt stripped), batched."""
+    """K continuations per prompt by nucleus (top-p) sampling (Holtzman et al. 2020).
+
+    At each step keep the smallest set of tokens whose probability mass reaches p, renormalise,
+    and sample. The prompt is run once and its KV cache copied K times (`generate` with
+    `num_return_sequences=K` would run it K times). Rows stop at EOS or at any of `stop_ids`.
+    """
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)  # left-padded
+    mask = enc["attention_mask"]  # (B, T)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at the first token
+    out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=pos, use_cache=True,
+                logits_to_keep=1)
+    cache = out.cache
+    cache.batch_repeat_interleave(k)  # (B * K, heads, T, d): row b * K + j is sample j of b
+    logits = out.logits[:, -1].float().repeat_interleave(k, 0)  # (B * K, V)
+    mask = mask.repeat_interleave(k, 0)
+    next_pos = pos[:, -1:].repeat_interleave(k, 0) + 1  # (B * K, 1)
+    stop = torch.tensor(sorted({tokenizer.eos_token_id, *(stop_ids or [])}))
+    done = torch.zeros(len(logits), dtype=torch.bool)
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        token = top_p_sample(logits.softmax(-1), top_p, generator)  # (B * K, 1)
+        token[done] = tokenizer.pad_token_id
+        new_tokens.append(token)
+        done = done | torch.isin(token[:, 0], stop)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, (~done[:, None]).long()], 1)
+        out = model(input_ids=token, attention_mask=mask, position_ids=next_pos, cache=cache,
+                    use_cache=True)
+        cache, logits, next_pos = out.cache, out.logits[:, -1].float(), next_pos + 1
+    texts = tokenizer.batch_decode(torch.cat(new_tokens, 1), skip_special_tokens=True)
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def sample_batched(model, tokenizer, prompts: list[str], k: int, cfg: "Config", seed: int,
+                   desc: str, max_new_tokens: int, top_p: float, stop_ids=None) -> list[list[str]]:
+    """`nucleus_sample` over batches of prompts, one tqdm bar, one generator seeded once."""
+    generator = torch.Generator().manual_seed(seed)
     out: list[list[str]] = []
-    starts = range(0, len(prompts), batch_size)
-    for b, start in enumerate(tqdm(starts, desc=desc, disable=None)):
-        chunk = prompts[start : start + batch_size]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True)
-        torch.manual_seed(seed * 100_003 + b)  # reproducible per batch
-        seqs = model.generate(
-            **enc, do_sample=True, top_p=top_p, top_k=0, temperature=1.0,
-            max_new_tokens=max_new_tokens, num_return_sequences=k,
-            pad_token_id=tokenizer.pad_token_id,
-        )  # (len(chunk) * k, prompt_len + new)
-        texts = tokenizer.batch_decode(seqs[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        out += [texts[i * k : (i + 1) * k] for i in range(len(chunk))]
+    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, disable=None):
+        chunk = prompts[start : start + cfg.batch_size]
+        out += nucleus_sample(model, tokenizer, chunk, k, max_new_tokens, top_p, generator,
+                              stop_ids)
     return out
 
 
@@ -328,13 +382,14 @@ def red_lm_questions(
 ) -> list[str]:
     """One question per context; resample (a few rounds) where the red LM wrote no question."""
     questions = [""] * len(contexts)
+    newline_ids = newline_token_ids(tokenizer)
     for attempt in range(4):
         todo = [i for i, q in enumerate(questions) if not q]
         if not todo:
             break
-        texts = sample(
-            model, tokenizer, [contexts[i] for i in todo], 1, 30, 0.95, seed + 7919 * attempt,
-            cfg.batch_size, f"{desc} (round {attempt})",
+        texts = sample_batched(
+            model, tokenizer, [contexts[i] for i in todo], 1, cfg, seed + 7919 * attempt,
+            f"{desc} (round {attempt})", 30, 0.95, newline_ids,
         )
         for i, (t,) in zip(todo, texts):
             questions[i] = first_question(t)
@@ -493,9 +548,9 @@ def main(cfg: Config) -> dict:
 
     def attack(records: list[dict], seed: int, desc: str) -> np.ndarray:
         """Target continues every prompt K times; classifier scores them. -> (n, K, labels)."""
-        conts = sample(
-            target, target_tok, [r["input"] for r in records], cfg.num_continuations,
-            cfg.max_new_tokens, cfg.top_p, seed, cfg.batch_size, desc,
+        conts = sample_batched(
+            target, target_tok, [r["input"] for r in records], cfg.num_continuations, cfg, seed,
+            desc, cfg.max_new_tokens, cfg.top_p,
         )
         flat = clf.score([c for cs in conts for c in cs])
         for r, cs in zip(records, conts):

@@ -37,8 +37,9 @@ Usage
     python tasks/reverse_digits.py
     python tasks/reverse_digits.py --help
 
-Expected result (defaults, L = 12, V = 10, 2-core CPU, about 60 s): held-out exact match 1.000,
-token accuracy 1.000, train exact match 1.000.
+Expected result (defaults, L = 12, V = 10, seeds 0, 1, 2, measured): held-out exact match 1.000,
+token accuracy 1.000, train exact match 1.000 on 4000 unseen sequences; about 50 s of CPU time
+(user + sys) on a shared 2-core machine.
 
 Differences from the paper: learned positions instead of sinusoids, pre-LayerNorm (GPT-2) instead
 of post-LN, ReLU MLP, no dropout. The held-out set leans to long sequences, because nearly every

@@ -14,8 +14,8 @@ How a language model is fine-tuned with reinforcement learning, the way RLHF doe
 Key equations (Schulman et al. 2017, "Proximal Policy Optimization Algorithms"; Ziegler et al. 2019,
 "Fine-Tuning Language Models from Human Preferences" for the KL-penalised reward):
     task reward   R(x) = 1/L sum_t log p_3gram(x_t | x_{t-2}, x_{t-1})
-                         - w_metre * mean_lines |syllables(line) - 10| / 10
-    RL reward     r_t  = (share of R at step t) - beta (log pi(x_t|h_t) - log pi_ref(x_t|h_t))
+                         - w_metre/2 * (sum_lines |syllables(line) - 10| / 10 + |lines - 2|)
+    RL reward     r_t  = R(x) [t = last] - beta (log pi(x_t|h_t) - log pi_ref(x_t|h_t))
     GAE           delta_t = r_t + gamma V(h_{t+1}) (1 - done_t) - V(h_t)
                   A_t = delta_t + gamma lambda (1 - done_t) A_{t+1}
     PPO ratio     rho_t = exp(log pi_theta(a_t|h_t) - log pi_old(a_t|h_t))   <- the CHOSEN token a_t
@@ -32,10 +32,15 @@ Usage
     python tasks/shakespeare_ppo.py
     python tasks/shakespeare_ppo.py --help
 
-Expected result (defaults, 3 PPO seeds from one reference, 2-core CPU, about 90 s): the task
-reward goes from about -3.5 (reference) to about -2.6 (PPO), a gain many times the seed spread,
-while distinct-2 stays about 0.7 and the held-out perplexity falls too; random text scores about
--9. The exact numbers are in runs/shakespeare_ppo/metrics.json; samples in samples.txt.
+Expected result (defaults: 3 PPO seeds vmapped from one reference; 130 s of CPU time measured,
+so about 2 minutes on an idle 2-core CPU). Measured at seed 0, task reward R on 256 sampled verses:
+    policy      reward   held-out ppl   distinct-2   KL to reference
+    random      -12.43        2907         0.99          118
+    reference    -5.75         404         0.69            0
+    PPO          -5.15         271         0.57          2.2     (reward std over seeds 0.04)
+PPO gains 0.6 nats over its start, 16 times the spread over seeds, without collapsing
+(distinct-2 >= 0.5), and its verses are also likelier under an n-gram fit on held-out sonnets.
+Numbers are in runs/shakespeare_ppo/metrics.json, ten verses a policy in samples.txt.
 
 Differences from the papers
 ---------------------------
@@ -43,9 +48,10 @@ Differences from the papers
   preferences; it is cheap, frozen and transparent. Because it was fit on the same training
   sonnets, PPO is partly rewarded for reusing their phrases; the held-out perplexity and the
   KL to the reference show how far it goes.
-- The policy is a one-layer GRU over a 1,000-word vocabulary (plus punctuation, a line break,
-  an end token and an unknown token it never emits). The value head sits on the policy's GRU
-  (as in TRL), so the critic starts from the reference's features.
+- The policy is a one-layer GRU (128 units) over a 500-token vocabulary (words and punctuation,
+  plus a line break, an end token and an unknown token it never emits); the critic is a separate
+  small GRU. Tiny next to any LM used for RLHF, so the samples read as Shakespeare-flavoured
+  word salad with local grammar, not as poetry.
 """
 
 # %% Imports ---------------------------------------------------------------------------------------
@@ -78,7 +84,7 @@ class Config:
     """number of most frequent training tokens (words and punctuation) kept, 50..1200; the rest
     map to <unk>. 1200 is the most for which a trigram key still fits in int32."""
     pretrain_steps: int = 300
-    """MLE steps (batch 64) that make the reference policy from the training sonnets"""
+    """MLE steps (batch 32) that make the reference policy from the training sonnets"""
     ppo_iterations: int = 80
     """PPO iterations; each samples a batch of verses and runs several epochs over it"""
     episodes_per_iteration: int = 64
@@ -88,7 +94,7 @@ class Config:
     num_minibatches: int = 2
     """minibatches per epoch; must divide episodes_per_iteration"""
     learning_rate: float = 5e-4
-    """Adam step size for PPO (policy and value head)"""
+    """Adam step size for PPO (policy and critic)"""
     kl_coef: float = 0.2
     """beta: the per-token KL penalty to the reference policy, as in RLHF"""
     num_seeds: int = 3

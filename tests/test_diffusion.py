@@ -11,16 +11,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-# A tiny config, about 15 s on 2 cores.
+# A tiny config, about 25 s on 2 cores.
 TINY = dict(
     train_steps=3000,
     batch_size=256,
-    hidden=64,
+    hidden=128,
     num_train=4000,
-    num_timesteps=50,
-    sample_steps=50,
+    num_timesteps=100,
+    sample_steps=25,
     num_samples=1000,
 )
+# Calibrated over seeds 0, 1, 2: w2_ratio 1.87, 1.97, 1.90 (an untrained model scores about 1600);
+# the bar leaves a margin of about 0.3.
+BAR = 2.3
 
 
 def test_dd_schedule_reaches_noise():
@@ -113,7 +116,6 @@ def test_dd_bad_config_raises(change, tmp_path):
 
 
 def test_dd_tiny_run_learns_and_is_deterministic(tmp_path):
-    # Calibrated over seeds 0, 1, 2: see CALIBRATION in the module docstring of this test file.
     metrics = dd.main(dd.Config(out_dir=str(tmp_path / "a"), **TINY))
     assert metrics["w2_ratio"] < BAR, metrics["w2_ratio"]
     saved = json.loads((tmp_path / "a" / "metrics.json").read_text())

@@ -4,7 +4,6 @@ temperature, config validation, determinism, and a tiny config that reaches the 
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import rand_transformer as rt
@@ -25,6 +24,7 @@ def test_rand_transformer_causal_mask():
         assert np.abs(new_logits[:, j:] - logits[:, j:]).max() > 1e-4  # the future does change
 
 
+@pytest.mark.slow  # about 15 s of CPU: the fast causal-mask test above guards the same property
 def test_rand_transformer_no_mask_leaks_and_fails(tmp_path):
     # without the causal mask, position t sees x_{t+1}: NLL drops below ln(101) and the run fails
     with pytest.raises(RuntimeError, match="leakage"):
@@ -48,14 +48,12 @@ def test_rand_transformer_distribution_tests_can_fail():
 def test_rand_transformer_temperature_sharpens():
     cfg = rt.Config(context_len=8)
     model = rt.Transformer(cfg, nnx.Rngs(2))
-    # make the head prefer value 7 a little; a low temperature must then pick it nearly always
-    model.head.bias.value = jnp.zeros(rt.NUM_VALUES).at[7].set(0.5)
-    cold = np.asarray(
-        rt.sample(model, jax.random.key(3), 64, rt.Config(context_len=8, temperature=0.01))
-    )
+    cold_cfg = rt.Config(context_len=8, temperature=0.01)
+    # near temperature 0 sampling is nearly greedy: the sequences take (almost) one argmax path
+    cold = np.asarray(rt.sample(model, jax.random.key(3), 64, cold_cfg))
     warm = np.asarray(rt.sample(model, jax.random.key(3), 64, cfg))
-    assert (cold == 7).mean() > 0.95
-    assert (warm == 7).mean() < 0.2 and len(np.unique(warm)) > 50
+    assert (cold == cold[0]).mean() > 0.9
+    assert len(np.unique(warm)) > 50 and not (warm == warm[0]).all()
 
 
 @pytest.mark.parametrize(
