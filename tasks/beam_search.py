@@ -44,8 +44,12 @@ Usage:
     python tasks/beam_search.py
     python tasks/beam_search.py --help
 
-Expected result (2-core CPU, packaged SmolLM2-135M): matches_generate = 1 and
-speed_ratio_vs_generate of about 1-2x, in about 60-90 s (first run plus ~20 s to convert the GGUF).
+Expected result (packaged SmolLM2-135M, 8 contexts, width 10, 16 new tokens): matches_generate = 1
+(sequences identical, max score error 1.7e-6). Beam search finds continuations with a mean
+log-prob per token of -0.79 vs -1.06 for greedy and -2.75 for sampling, at the price of more
+repetition (0.089 vs 0.009 repeated 3-grams) and lower distinct-2 (0.84 vs 0.94 and 0.99).
+Measured on a heavily shared 2-core machine the run took 863 s wall and the speed ratio was
+noise-dominated (0.35 by fastest runs, 0.88 by medians); it has not yet been measured idle.
 
 Reference: Hugging Face transformers `generate(num_beams=...)`; Wu et al. 2016, "Google's Neural
 Machine Translation System" (length penalty); Holtzman et al. 2020 (beam search degeneration);
@@ -99,8 +103,8 @@ class Config:
     """Stop an item as soon as B hypotheses are finished (True) or use the heuristic (False)."""
     num_contexts: int = 8
     """How many of the built-in contexts to decode (at most len(CONTEXTS))."""
-    timing_repeats: int = 2
-    """Interleaved repetitions (ours, generate) for the speed ratio; the median is used."""
+    timing_repeats: int = 3
+    """Interleaved repetitions (ours, generate) for the speed ratio; the fastest of each is used."""
     seed: int = 0
     """Seed for the sampling baseline."""
     out_dir: str = "runs/beam_search"
@@ -384,7 +388,9 @@ def plot_beam_scores(path: pathlib.Path, contexts, beam_scores: np.ndarray, gree
     fig, ax = plt.subplots(figsize=(9, 4.5))
     x = np.arange(len(contexts))
     for k in range(beam_scores.shape[1]):
-        ax.scatter(x, beam_scores[:, k], s=14, c=[plt.cm.viridis(k / beam_scores.shape[1])])
+        label = "all final beams, by rank" if k == 0 else None
+        ax.scatter(x, beam_scores[:, k], s=22, c=[plt.cm.viridis(k / beam_scores.shape[1])],
+                   label=label, zorder=3)  # fmt: skip
     ax.plot(x, beam_scores[:, 0], "o-", c="C3", label="beam search, best of 10")
     ax.plot(x, greedy, "s--", c="C0", label="greedy")
     ax.plot(x, sample, "^:", c="C2", label="ancestral sampling")
@@ -469,31 +475,33 @@ def main(cfg: Config) -> dict:
     )
 
     # Beam search by hand, then generate with the same settings; interleave for fair timing.
-    ours_s, ref_s, trace = [], [], []
+    def run_ours(rep: int):
+        return beam_search(model, ids, mask, trace=trace if rep == 0 else None, **kw)
+
+    def run_generate(rep: int):
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                              output_scores=True, return_dict_in_generate=True, **kw)  # fmt: skip
+
+    # Timing on a shared machine is noisy: alternate which decoder runs first and compare the
+    # fastest run of each (the least disturbed one), as `timeit` does.
+    times = {"ours": [], "generate": []}
+    trace = []
     for rep in range(cfg.timing_repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        seqs, scores = beam_search(model, ids, mask, trace=trace if rep == 0 else None, **kw)
-        ours_s.append(time.perf_counter() - t0)
-        ours_cpu = time.process_time() - c0
-        t0, c0 = time.perf_counter(), time.process_time()
-        ref = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            **kw,
-        )
-        ref_s.append(time.perf_counter() - t0)
-        ref_cpu = time.process_time() - c0
-        print(
-            f"timing rep={rep} ours_s={ours_s[-1]:.2f} generate_s={ref_s[-1]:.2f}"
-            f" ours_cpu_s={ours_cpu:.2f} generate_cpu_s={ref_cpu:.2f}"
-        )
+        order = ("ours", "generate") if rep % 2 == 0 else ("generate", "ours")
+        for name in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            if name == "ours":
+                seqs, scores = run_ours(rep)
+            else:
+                ref = run_generate(rep)
+            times[name].append(time.perf_counter() - t0)
+            print(f"timing rep={rep} {name}_s={times[name][-1]:.2f} "
+                  f"{name}_cpu_s={time.process_time() - c0:.2f}")  # fmt: skip
+    ours_s, ref_s = times["ours"], times["generate"]
     same_seqs = seqs.shape == ref.sequences.shape and torch.equal(seqs, ref.sequences)
     score_err = float((scores - ref.sequences_scores).abs().max()) if same_seqs else float("inf")
     matches = int(same_seqs and score_err <= 1e-4)
-    speed_ratio = float(np.median(ref_s) / np.median(ours_s))
+    speed_ratio = float(min(ref_s) / min(ours_s))
     print(f"matches_generate={matches} max_score_err={score_err:.2e} speed_ratio={speed_ratio:.2f}")
 
     # The 10 beams of every context (sequences come grouped by context, best first).
@@ -559,8 +567,9 @@ def main(cfg: Config) -> dict:
         "max_score_abs_err": score_err,
         "speed_ratio_vs_generate": speed_ratio,
         "speed_ratio_vs_generate_target": 0.8,
-        "ours_s": float(np.median(ours_s)),
-        "generate_s": float(np.median(ref_s)),
+        "speed_ratio_vs_generate_median": float(np.median(ref_s) / np.median(ours_s)),
+        "ours_min_s": float(min(ours_s)),
+        "generate_min_s": float(min(ref_s)),
     }
     for name, st in stats.items():
         for key in ("logprob_per_token", "repetition_rate", "distinct_1", "distinct_2"):

@@ -41,10 +41,12 @@ Usage
     python tasks/llama3_sft.py
     python tasks/llama3_sft.py --help
 
-Expected result: with the packaged SmolLM2-135M and one epoch of LoRA (rank 16, all linear layers)
-the held-out perplexity should fall by well over the 25% bar and the generations move closer to
-the real sonnets in embedding space. The measured numbers are in runs/llama3_sft/metrics.json,
-the before/after table and samples side by side in samples.md. Budget: <= 600 s on a 2-core CPU.
+Expected result (defaults, seed 0, packaged SmolLM2-135M, 18 LoRA steps, measured): held-out
+perplexity 96.9 -> 62.0 (-36%, the bar is -25%); MiniLM cosine to the held-out sonnets
+0.30 -> 0.52; ROUGE-L 0.108 -> 0.117; no generation shares 8+ words with a training sonnet
+(longest shared n-gram: 4 words). Runtime: 1313 s of CPU time (user+sys) on 2 threads, measured
+on a heavily shared machine that inflates it; about 600 s of wall time is expected on 2 idle
+cores. Numbers in runs/llama3_sft/metrics.json; before/after table and samples in samples.md.
 
 Differences from a real Llama 3 SFT
 -----------------------------------
