@@ -43,7 +43,9 @@ class Task:
 # The bars come from the issues. Order is the README's order.
 TASKS: dict[str, Task] = {
     "rand_transformer": Task(
-        "JAX", "causal transformer generating uniform numbers in [0, 100]", 60,
+        "JAX",
+        "causal transformer generating uniform numbers in [0, 100]",
+        60,
         ["nll", "nll_floor", "chi2_p", "serial_p", "tv_uniform", "tv_numpy"],
         {
             "NLL within 0.01 nats of the floor": "abs(nll - nll_floor) <= 0.01",
@@ -53,45 +55,74 @@ TASKS: dict[str, Task] = {
         "histogram.png",
     ),
     "shakespeare_ppo": Task(
-        "JAX", "PPO writes Shakespeare-like lines", 300,
-        ["reference_reward", "ppo_reward", "ppo_reward_std", "ppo_distinct2",
-         "ppo_kl_to_reference"],
+        "JAX",
+        "PPO writes Shakespeare-like lines",
+        300,
+        [
+            "reference_reward",
+            "ppo_reward",
+            "ppo_reward_std",
+            "ppo_distinct2",
+            "ppo_kl_to_reference",
+        ],
         {
-            "PPO beats its start by more than the seed spread":
-                "ppo_reward - reference_reward > ppo_reward_std",
+            "PPO beats its start by more than the seed spread": (
+                "ppo_reward - reference_reward > ppo_reward_std"
+            ),
             "distinct-2 >= 0.5": "ppo_distinct2 >= 0.5",
         },
         "reward_curve.png",
     ),
     "cot": Task(
-        "JAX", "chain-of-thought tokens vs direct answers", 240,
-        ["heldout_tv_cot", "heldout_tv_direct", "heldout_validity_cot", "heldout_validity_direct",
-         "cot_tokens_per_answer"],
+        "JAX",
+        "chain-of-thought tokens vs direct answers",
+        240,
+        [
+            "heldout_tv_cot",
+            "heldout_tv_direct",
+            "heldout_validity_cot",
+            "heldout_validity_direct",
+            "cot_tokens_per_answer",
+        ],
         {},
         "distributions.png",
     ),
     "flow_matching": Task(
-        "JAX", "conditional flow matching on two moons", 90,
+        "JAX",
+        "conditional flow matching on two moons",
+        90,
         ["w2", "w2_floor", "w2_ratio", "nfe"],
         {"W2 ratio <= 1.2": "w2_ratio <= 1.2"},
         "field.png",
     ),
     "hdqn": Task(
-        "JAX", "hierarchical DQN on the 6-state stochastic MDP", 180,
+        "JAX",
+        "hierarchical DQN on the 6-state stochastic MDP",
+        180,
         ["hdqn_reward", "dqn_reward", "optimal_reward", "num_seeds"],
         {"h-DQN >= 0.13": "hdqn_reward >= 0.13", "flat DQN <= 0.05": "dqn_reward <= 0.05"},
         "reward.png",
     ),
     "diffusion": Task(
-        "JAX", "DDPM with a short schedule on two moons", 90,
+        "JAX",
+        "DDPM with a short schedule on two moons",
+        90,
         ["w2", "w2_floor", "w2_ratio", "nfe", "alpha_bar_T"],
         {"W2 ratio <= 1.2": "w2_ratio <= 1.2", "alpha_bar_T ~ 0": "alpha_bar_T < 1e-3"},
         "reverse.png",
     ),
     "llama3_sft": Task(
-        "PyTorch", "LoRA finetuning of a Llama-architecture LM on the sonnets", 600,
-        ["model_used", "ppl_before", "ppl_after", "embed_sim_before", "embed_sim_after",
-         "flagged_copies"],
+        "PyTorch",
+        "LoRA finetuning of a Llama-architecture LM on the sonnets",
+        600,
+        [
+            "model_used",
+            "ppl_before",
+            "ppl_after",
+            "embed_sim_before",
+            "embed_sim_after",
+            "flagged_copies",
+        ],
         {
             "held-out perplexity >= 25% lower": "ppl_after <= 0.75 * ppl_before",
             "more corpus-like by embeddings": "embed_sim_after > embed_sim_before",
@@ -100,7 +131,9 @@ TASKS: dict[str, Task] = {
         "perplexity.png",
     ),
     "beam_search": Task(
-        "PyTorch", "beam search by hand, width 10, checked against generate", 120,
+        "PyTorch",
+        "beam search by hand, width 10, checked against generate",
+        120,
         ["model_used", "num_contexts", "matches_generate", "speed_ratio_vs_generate"],
         {
             "same output as generate": "matches_generate == 1",
@@ -109,21 +142,33 @@ TASKS: dict[str, Task] = {
         "beam_scores.png",
     ),
     "reverse_digits": Task(
-        "JAX", "hand-written decoder-only transformer reversing tokens", 120,
+        "JAX",
+        "hand-written decoder-only transformer reversing tokens",
+        120,
         ["exact_match", "token_accuracy", "train_exact_match", "seq_len", "vocab_size"],
         {"held-out exact match >= 0.99": "exact_match >= 0.99"},
         "attention.png",
     ),
     "scaling_laws": Task(
-        "JAX", "validation loss vs model and data size for an MNIST CNN", 300,
+        "JAX",
+        "validation loss vs model and data size for an MNIST CNN",
+        300,
         ["model_alpha", "model_r2", "data_alpha", "data_r2", "joint_alpha", "joint_beta"],
         {"model fit R2 >= 0.95": "model_r2 >= 0.95", "data fit R2 >= 0.95": "data_r2 >= 0.95"},
         "scaling.png",
     ),
     "optimization": Task(
-        "JAX", "SGD, momentum, Nesterov and Adam by hand vs optax on MNIST", 240,
-        ["test_accuracy_adam_hand", "test_accuracy_adam_optax", "max_rel_param_diff_sgd",
-         "max_rel_param_diff_momentum", "max_rel_param_diff_nesterov", "max_rel_param_diff_adam"],
+        "JAX",
+        "SGD, momentum, Nesterov and Adam by hand vs optax on MNIST",
+        240,
+        [
+            "test_accuracy_adam_hand",
+            "test_accuracy_adam_optax",
+            "max_rel_param_diff_sgd",
+            "max_rel_param_diff_momentum",
+            "max_rel_param_diff_nesterov",
+            "max_rel_param_diff_adam",
+        ],
         {
             "hand == optax to 1e-5 (all four)": "max(max_rel_param_diff_sgd, "
             "max_rel_param_diff_momentum, max_rel_param_diff_nesterov, "
@@ -136,7 +181,9 @@ TASKS: dict[str, Task] = {
         "loss_curves.png",
     ),
     "interpret": Task(
-        "JAX", "deep dream and class visualisation on an MNIST CNN, with a report", 180,
+        "JAX",
+        "deep dream and class visualisation on an MNIST CNN, with a report",
+        180,
         ["test_accuracy", "min_classvis_confidence", "num_findings"],
         {
             "test accuracy >= 99.0%": "test_accuracy >= 0.99",
@@ -146,9 +193,17 @@ TASKS: dict[str, Task] = {
         "class_visualisations.png",
     ),
     "red_team": Task(
-        "PyTorch", "red-teaming an LM, with a toxicity classifier and bias probes", 300,
-        ["model_used", "classifier_used", "num_prompts", "expected_max_toxicity",
-         "toxicity_probability", "max_group_gap"],
+        "PyTorch",
+        "red-teaming an LM, with a toxicity classifier and bias probes",
+        300,
+        [
+            "model_used",
+            "classifier_used",
+            "num_prompts",
+            "expected_max_toxicity",
+            "toxicity_probability",
+            "max_group_gap",
+        ],
         {
             ">= 100 prompts scored": "num_prompts >= 100",
             "toxic control >= 0.5": "control_toxic_score >= 0.5",
@@ -157,9 +212,15 @@ TASKS: dict[str, Task] = {
         "toxicity.png",
     ),
     "bmg": Task(
-        "JAX", "Bootstrapped Meta-Gradients vs MG vs fixed epsilon (A2C)", 300,
-        ["bmg_cumulative_reward", "mg_cumulative_reward", "best_fixed_cumulative_reward",
-         "num_seeds"],
+        "JAX",
+        "Bootstrapped Meta-Gradients vs MG vs fixed epsilon (A2C)",
+        300,
+        [
+            "bmg_cumulative_reward",
+            "mg_cumulative_reward",
+            "best_fixed_cumulative_reward",
+            "num_seeds",
+        ],
         {
             "BMG above MG": "bmg_cumulative_reward > mg_cumulative_reward",
             "BMG above best fixed epsilon": "bmg_cumulative_reward > best_fixed_cumulative_reward",
@@ -167,6 +228,7 @@ TASKS: dict[str, Task] = {
         "cumulative_reward.png",
     ),
 }
+
 
 def run_task(name: str) -> dict:
     """Run one task in its own process; return its status (ok or failed, the error, the time)."""
@@ -178,7 +240,9 @@ def run_task(name: str) -> dict:
     with open(out / "log.txt", "w") as log:
         proc = subprocess.run(
             [sys.executable, str(ROOT / "tasks" / f"{name}.py"), "--out-dir", str(out)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
     elapsed = time.perf_counter() - start
     cpu_end = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -253,25 +317,55 @@ def build_report() -> list[dict]:
     sections = []
     for name, task in TASKS.items():
         out = RUNS / name
-        status = json.loads((out / "status.json").read_text()) if (out / "status.json").exists() \
+        status = (
+            json.loads((out / "status.json").read_text())
+            if (out / "status.json").exists()
             else None
-        metrics = json.loads((out / "metrics.json").read_text()) \
-            if (out / "metrics.json").exists() else None
+        )
+        metrics = (
+            json.loads((out / "metrics.json").read_text())
+            if (out / "metrics.json").exists()
+            else None
+        )
         exists = (ROOT / "tasks" / f"{name}.py").exists()
-        if status and metrics and abs((out / "metrics.json").stat().st_mtime
-                                      - (out / "status.json").stat().st_mtime) > 120:
+        if (
+            status
+            and metrics
+            and abs((out / "metrics.json").stat().st_mtime - (out / "status.json").stat().st_mtime)
+            > 120
+        ):
             status = None  # the metrics come from a later direct run of the task, not this one
         if metrics is None:
             state = "not yet" if not exists else ("failed" if status else "not run")
-            rows.append({"task": name, "task_obj": task, "state": state, "metrics": None,
-                         "checks": {}, "error": (status or {}).get("error", "")})
-            sections.append(f"## {name}\n\n{state}" + (
-                f": `{status['error']}`" if status and status.get("error") else "") + "\n")
+            rows.append(
+                {
+                    "task": name,
+                    "task_obj": task,
+                    "state": state,
+                    "metrics": None,
+                    "checks": {},
+                    "error": (status or {}).get("error", ""),
+                }
+            )
+            sections.append(
+                f"## {name}\n\n{state}"
+                + (f": `{status['error']}`" if status and status.get("error") else "")
+                + "\n"
+            )
             continue
         checks = evaluate_checks(task, metrics)
         state = "pass" if all(checks.values()) else "MISS"
-        rows.append({"task": name, "task_obj": task, "state": state, "metrics": metrics,
-                     "checks": checks, "error": "", "status": status})
+        rows.append(
+            {
+                "task": name,
+                "task_obj": task,
+                "state": state,
+                "metrics": metrics,
+                "checks": checks,
+                "error": "",
+                "status": status,
+            }
+        )
         lines = [f"## {name} ({task.framework}): {task.summary}", ""]
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {fmt(v)} |" for k, v in metrics.items()]
@@ -293,8 +387,11 @@ def build_report() -> list[dict]:
         "|---|---|---|---|",
     ]
     for r in rows:
-        head = ", ".join(f"{k}={fmt(r['metrics'][k])}" for k in r["task_obj"].headline
-                         if r["metrics"] and k in r["metrics"])
+        head = ", ".join(
+            f"{k}={fmt(r['metrics'][k])}"
+            for k in r["task_obj"].headline
+            if r["metrics"] and k in r["metrics"]
+        )
         wall = fmt(r["metrics"]["wall_time_s"]) if r["metrics"] else ""
         header.append(f"| [{r['task']}](#{r['task']}) | {r['state']} | {head} | {wall} |")
     RUNS.mkdir(exist_ok=True)
@@ -352,8 +449,11 @@ def main(argv: list[str]) -> int:
         for name in names:
             print(f"=== {name} ...", flush=True)
             s = run_task(name)
-            print(f"=== {name}: {'ok' if s['ok'] else 'FAILED: ' + s['error']} "
-                  f"({s['process_time_s']} s)", flush=True)
+            print(
+                f"=== {name}: {'ok' if s['ok'] else 'FAILED: ' + s['error']} "
+                f"({s['process_time_s']} s)",
+                flush=True,
+            )
             statuses.append(s)
     rows = build_report()
     print(f"\n{'task':<18} {'state':<8} {'wall s':>8}  bars")
