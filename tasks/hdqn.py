@@ -29,8 +29,15 @@ the controller has one epsilon1_g per goal, annealed adaptively from how often g
 
 The baseline is a flat DQN on the same observation (a one-hot of the current state). That state
 is not Markov for the reward: it does not say whether s6 was visited, so in s3..s5 "right" is
-right on the way out and wrong on the way back. The flat DQN's Q-values for the two actions end
-up nearly tied, its greedy policy flips between them, and it visits s6 rarely.
+right on the way out and wrong on the way back. Worse, for a flat learner the reward on reaching
+s1 looks the same whichever action it takes in s2, so "right" there only delays it:
+    Q(s2, right) = 0.5 * Rbar + 0.5 * gamma * V(s3)  <  Q(s2, left) = Rbar,
+where Rbar is the average reward on reaching s1 in the learner's data. The fixed point of the
+expected Q-learning update therefore always goes left (reward 0.01, the paper's flat number).
+A learner with small steps finds it. With larger steps, each rare reward of 1 (100 times the
+usual 0.01) kicks the Q-values, and the maximum in the target keeps the noisy values of s3..s6
+high. The greedy policy then keeps going right and earns more than 0.01. The run measures both
+regimes with flat tabular Q-learning at six step sizes (flat_learners.png).
 
 Implementation: PureJaxRL style. The environment is pure JAX; one environment step of either
 agent (act, store, learn, reset) is a pure function; `lax.scan` runs chunks of steps under one
@@ -39,14 +46,18 @@ agent (act, store, learn, reset) is a pure function; `lax.scan` runs chunks of s
     python tasks/hdqn.py                 # 5 seeds of h-DQN and flat DQN, figures and metrics.json
     python tasks/hdqn.py --help          # every option
 
-Expected result (defaults: 5 seeds, 60k steps per seed and agent, about 60 s of CPU time on a
-2-core machine): average extrinsic reward over the last 1000 episodes, mean +- std over seeds,
+Expected result (defaults: 5 seeds, 60k steps per seed and agent; about 35 s on an idle 2-core
+machine): average extrinsic reward over the last 1000 episodes, mean +- std over seeds,
 h-DQN 0.144 +- 0.010 (paper: about 0.13), flat DQN 0.065 +- 0.005 (paper: about 0.01), optimum
-0.208. The flat DQN does better than the paper's flat agent: in this MDP "always right" is a
-memoryless policy worth 0.1755 (0.208 without the 50-step limit), so a flat learner can stumble
-part of the way towards it.
-h-DQN stays below 0.208 because both levels keep exploring with epsilon = 0.1 to the end.
-Files in runs/hdqn/: reward.png, visits.png, metrics.json.
+0.208. h-DQN stays below 0.208 because both levels keep exploring with epsilon = 0.1 to the end.
+The flat DQN misses the paper's 0.01 (and the issue's bar of 0.05): it sits in the large-step
+regime above. Flat tabular Q-learning with the same exploration scores 0.010 at step sizes 0.002,
+0.005 and 0.01 (every seed ends greedy-left in s2), and 0.059, 0.104 and 0.093 at 0.02, 0.05 and
+0.1. A flat learner can earn that much without memory: "always right" is worth 0.1755 under the
+50-step limit (0.208 without it). The discount moves the flat DQN only a little (measured with
+`--gamma`): gamma 0.9 gives h-DQN 0.150 and flat DQN 0.048; gamma 0.95 gives 0.150 and 0.053.
+So the paper's flat 0.01 depends on the learner's step size, not only on the missing memory.
+Files in runs/hdqn/: reward.png, visits.png, flat_learners.png, metrics.json.
 
 Differences from the paper: the controller's epsilon1_g schedule. Algorithm 1 anneals it "using
 the average success rate of reaching goal g" without a formula. A rate alone cannot work here:
@@ -103,6 +114,8 @@ class Config:
     """fraction of num_steps over which the meta-controller's and flat DQN's epsilon go 1 -> 0.1"""
     goal_anneal_reaches: int = 100
     """times goal g must be reached for the controller's epsilon_g to go from 1 to 0.1"""
+    tabular_step_sizes: tuple[float, ...] = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+    """step sizes of the flat tabular Q-learning diagnostic (why the flat result is fragile)"""
     out_dir: str = "runs/hdqn"
     """where figures and metrics.json are written"""
 
@@ -422,6 +435,58 @@ def make_flat_dqn(cfg: Config):
     return init, step
 
 
+class TabularCarry(NamedTuple):
+    key: jax.Array
+    step: jax.Array
+    env: EnvState
+    q: jax.Array  # (6, 2) the Q-table
+    step_size: jax.Array  # the constant step size of the Q-learning update
+    log: EpisodeLog
+
+
+def make_tabular_q(cfg: Config):
+    """Returns (init(key, step_size), step(carry)): flat tabular Q-learning, the textbook agent.
+
+    It sees the same state as the flat DQN and uses the same epsilon schedule, so it shows what
+    the flat DQN is approximating. Its expected update has a fixed point that always goes left
+    from s2: the reward on reaching s1 cannot depend on the action taken in s2 (the table does
+    not know whether s6 was visited), and "right" only delays it by a discounted step.
+    """
+
+    def init(key: jax.Array, step_size: jax.Array) -> TabularCarry:
+        q = jnp.zeros((NUM_STATES, NUM_ACTIONS))
+        return TabularCarry(key, jnp.int32(0), env_reset(), q, step_size, log_init(cfg.num_steps))
+
+    def step(c: TabularCarry) -> TabularCarry:
+        key, act_key, env_key = jax.random.split(c.key, 3)
+        epsilon = linear_epsilon(c.step / (cfg.anneal_frac * cfg.num_steps))
+        action = epsilon_greedy(act_key, c.q[c.env.pos], epsilon)
+        env, reward, done = env_step(env_key, c.env, action, cfg.time_limit)
+        target = reward + cfg.gamma * (1.0 - done) * c.q[env.pos].max()
+        q = c.q.at[c.env.pos, action].add(c.step_size * (target - c.q[c.env.pos, action]))
+        env_next = jax.tree.map(lambda r, e: jnp.where(done, r, e), env_reset(), env)
+        log = log_step(c.log, env.pos, reward, done)
+        return TabularCarry(key, c.step + 1, env_next, q, c.step_size, log)
+
+    return init, step
+
+
+def train_tabular(cfg: Config, step_sizes: tuple[float, ...]) -> tuple[EpisodeLog, np.ndarray]:
+    """Tabular Q-learning for every (step size, seed) in one jitted scan; (log, final Q-tables)."""
+    init, step = make_tabular_q(cfg)
+    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 2), cfg.num_seeds)
+
+    @jax.jit
+    @functools.partial(jax.vmap, in_axes=(None, 0))  # over step sizes
+    @functools.partial(jax.vmap, in_axes=(0, None))  # over seeds
+    def run(key, step_size):
+        carry = init(key, step_size)
+        return jax.lax.scan(lambda c, _: (step(c), None), carry, None, cfg.num_steps)[0]
+
+    carry = run(keys, jnp.asarray(step_sizes))
+    return jax.device_get(carry.log), np.asarray(carry.q)
+
+
 NUM_CHUNKS = 10  # the host sees training 10 times (progress bar and log line); all else is jitted
 
 
@@ -512,6 +577,26 @@ def plot_visits(logs: dict[str, EpisodeLog], path: str) -> None:
     plt.close(fig)
 
 
+def plot_flat_learners(tab_rewards, step_sizes, hdqn_reward, dqn_reward, optimum, right, path):
+    """Flat tabular Q-learning's final reward against its step size, one dot per seed."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, lr in enumerate(step_sizes):
+        ax.scatter(np.full(tab_rewards.shape[1], lr), tab_rewards[i], color="tab:gray", s=14)
+    ax.plot(step_sizes, tab_rewards.mean(1), "o-", color="k", label="flat tabular Q-learning")
+    ax.axhline(hdqn_reward, color="tab:blue", label=f"h-DQN ({hdqn_reward:.3f})")
+    ax.axhline(dqn_reward, color="tab:red", label=f"flat DQN ({dqn_reward:.3f})")
+    ax.axhline(optimum, color="k", ls="--", label=f"optimum {optimum:.3f}")
+    ax.axhline(right, color="tab:gray", ls="-.", label=f'memoryless "always right" ({right:.3f})')
+    ax.axhline(PAPER_FLAT_REWARD, color="tab:red", ls=":", label="paper flat Q-learning (0.01)")
+    ax.set(xscale="log", xlabel="step size of the tabular Q-learning update", ylim=(0, 0.25))
+    ax.set(ylabel="average reward, last 1000 episodes")
+    ax.set_title("A flat learner lands in one of two regimes (dots: seeds)")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # %% ---------------------------------------------------------------- main
 def validate(cfg: Config) -> None:
     positive = ("num_seeds", "num_steps", "time_limit", "hidden", "batch_size", "buffer_size")
@@ -524,6 +609,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"gamma must be in (0, 1], got {cfg.gamma}")
     if cfg.learning_rate <= 0 or not 0.0 < cfg.anneal_frac <= 1.0:
         raise ValueError("learning_rate must be > 0 and anneal_frac in (0, 1]")
+    if not cfg.tabular_step_sizes or not all(0 < lr <= 1 for lr in cfg.tabular_step_sizes):
+        raise ValueError(f"tabular_step_sizes must be in (0, 1], got {cfg.tabular_step_sizes}")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         probe = os.path.join(cfg.out_dir, ".write_probe")
@@ -537,14 +624,23 @@ def main(cfg: Config) -> dict:
     validate(cfg)
     start = time.time()
     optimum = solve_mdp(cfg.time_limit)  # value iteration on (state, s6 visited, steps left)
+    always_right = solve_mdp(cfg.time_limit, policy=np.array([0.0, 1.0]))  # needs no memory
     with tqdm(total=2 * NUM_CHUNKS, desc="h-DQN and flat DQN chunks", disable=None) as progress:
         logs = {agent: train(cfg, agent, progress) for agent in ("hdqn", "dqn")}
     for agent, log in logs.items():
         if log.count.min() < LAST_EPISODES:
             raise ValueError(f"{agent} finished only {log.count.min()} episodes; raise num_steps")
     hdqn, dqn = (last_episodes_mean(logs[a].reward, logs[a].count) for a in ("hdqn", "dqn"))
+    # The diagnostic: flat tabular Q-learning at several step sizes, every seed (3 s)
+    tab_log, tab_q = train_tabular(cfg, cfg.tabular_step_sizes)
+    tab = np.stack([last_episodes_mean(r, n) for r, n in zip(tab_log.reward, tab_log.count)])
     plot_reward(logs, optimum, os.path.join(cfg.out_dir, "reward.png"))
     plot_visits(logs, os.path.join(cfg.out_dir, "visits.png"))
+    plot_flat_learners(
+        tab, cfg.tabular_step_sizes, hdqn.mean(), dqn.mean(), optimum, always_right,
+        os.path.join(cfg.out_dir, "flat_learners.png"),
+    )  # fmt: skip
+    goes_left = (tab_q[:, :, START, LEFT] > tab_q[:, :, START, RIGHT]).mean(1)  # share of seeds
     s6_visits = lambda log: last_episodes_mean(log.visits, log.count)[:, GOAL_STATE].mean()
     metrics = {
         "task": "hdqn",
@@ -561,10 +657,14 @@ def main(cfg: Config) -> dict:
         "dqn_reward_ceiling": 0.05,
         "dqn_reward_paper": PAPER_FLAT_REWARD,
         "optimal_reward": optimum,
+        "always_right_reward": always_right,
         "hdqn_s6_visits_per_episode": float(s6_visits(logs["hdqn"])),
         "dqn_s6_visits_per_episode": float(s6_visits(logs["dqn"])),
         "hdqn_episodes": int(logs["hdqn"].count.min()),
         "dqn_episodes": int(logs["dqn"].count.min()),
+        "tabular_step_sizes": " ".join(f"{lr:g}" for lr in cfg.tabular_step_sizes),
+        "tabular_q_reward_by_step_size": " ".join(f"{r:.4f}" for r in tab.mean(1)),
+        "tabular_q_share_greedy_left_in_s2": " ".join(f"{g:.1f}" for g in goes_left),
         "num_steps": cfg.num_steps,
         "wall_time_s": time.time() - start,
     }

@@ -112,11 +112,28 @@ def test_hdqn_gradients_nonzero_after_one_update():
     assert all(jax.tree.leaves(same))  # the target network waits for its period
 
 
+def test_hdqn_flat_tabular_q_small_steps_reach_the_always_left_fixed_point():
+    # The expected Q-learning update on the aliased state prefers "left" in s2 (docstring), so
+    # with small steps every seed ends greedy-left and earns 0.01; large steps stay above it.
+    # Calibrated over base seeds 0, 1, 2: step 0.005 gives 0.0100 on all 12 runs; step 0.1 gives
+    # a mean over 4 seeds of 0.098 / 0.092 / 0.096.
+    cfg = hdqn.Config(num_steps=20_000, num_seeds=4)
+    log, q = hdqn.train_tabular(cfg, (0.005, 0.1))
+    reward = np.stack([hdqn.last_episodes_mean(r, n) for r, n in zip(log.reward, log.count)])
+    assert (q[0, :, hdqn.START, hdqn.LEFT] > q[0, :, hdqn.START, hdqn.RIGHT]).all()
+    np.testing.assert_allclose(reward[0], 0.01, atol=0.002)
+    assert reward[1].mean() > 0.03, reward  # the noisy regime: the flat learner keeps going right
+    # Q-values never exceed the largest possible return
+    assert (q >= -1e-6).all() and (q <= 1.0 + 1e-6).all()
+
+
 def test_hdqn_bad_config_raises(tmp_path):
     with pytest.raises(ValueError, match="num_steps"):
         hdqn.main(hdqn.Config(num_steps=0, out_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="gamma"):
         hdqn.main(hdqn.Config(gamma=1.5, out_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="tabular_step_sizes"):
+        hdqn.main(hdqn.Config(tabular_step_sizes=(0.0,), out_dir=str(tmp_path)))
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ValueError, match="out_dir"):
@@ -139,5 +156,5 @@ def test_hdqn_tiny_run_beats_flat_dqn(tmp_path):
     assert metrics["hdqn_reward"] > 0.09, metrics
     assert metrics["hdqn_reward"] > metrics["dqn_reward"] + 0.015, metrics
     assert metrics["optimal_reward"] == pytest.approx(0.208, abs=1e-4)
-    for name in ("reward.png", "visits.png", "metrics.json"):
+    for name in ("reward.png", "visits.png", "flat_learners.png", "metrics.json"):
         assert (tmp_path / name).exists()
