@@ -36,36 +36,59 @@ is one jitted `lax.scan` per chunk, vmapped over seeds (PureJaxRL style).
     python tasks/bmg.py --help
 
 Expected at defaults (5 seeds per arm; 4 fixed-eps baselines, MG, BMG and BMG with L = 1):
-about 180 s of CPU time (user + sys, compilation included), so about 3 minutes on an idle
+about 160 s of CPU time (user + sys, compilation included), so about 2 minutes on an idle
 2-core CPU. Outputs in runs/bmg/: metrics.json, cumulative_reward.png, reward_around_swap.png,
 epsilon.png.
 
 Measured at defaults (mean +- sample std of the cumulative reward over 5 seeds): best fixed eps
-(0.05) 7232 +- 3431, MG -504 +- 6426, BMG -4193 +- 5092, BMG with L = 1 -2845 +- 9279; fixed
-eps 0 collapses to avoiding both objects (-17941, about -0.04 per step). The issue's bar (BMG
-above MG and above the best fixed eps) is NOT met at this scale. What we see, and why:
-- Learning is slow for every arm: with one-hot coordinates a single-stream A2C needs most of a
-  60k-step phase to learn to collect the good colour, and after a swap the agent first unlearns
-  (reward falls to about -0.04 per step) before it relearns, so each phase is mostly re-learning.
-- BMG's eps does not rise after each swap as in the paper. It rises during each phase while the
-  reward is good (0.1 to 0.2+) and drops at the swap, when the recent rewards the meta-learner
-  sees fall (epsilon.png; eps_before_swap 0.19, eps_after_swap 0.17). The KL(pi_target ||
-  pi_theta_K) to a target built from noisy single-rollout SGD steps is mode-covering in
-  pi_theta_K, which rewards a broader policy while the agent exploits; the extra entropy then
-  costs reward and slows recovery (reward_around_swap.png). MG's eps drifts down (0.10 to 0.08).
-- The seed spread is as large as the gaps between the meta arms. In development runs, the
-  paper's meta learning rate 1e-4 or L = 4 did not rescue BMG either.
-The paper trains 13x longer, with 100k steps per phase, where the agent masters each phase and
-the bootstrap's benefit after a swap has room to show.
+(0.05) 7232 +- 3431, MG -504 +- 6426, BMG -4193 +- 5092, BMG with L = 1 -2845 +- 9279 (fixed
+eps 0: -17941, 0.01: -9700, 0.2: -457). Paired over seeds, BMG - MG is -3689 +- 9156 (BMG ahead
+on 3 of 5 seeds) and BMG - best fixed -11426 +- 3962 (0 of 5). The issue's bar (BMG above MG and
+above the best fixed eps) is NOT met at this scale. What we measured, and why:
+- Only the blue phases are learned. In the phases where red pays +1 every arm earns about
+  -0.04 per step, the bare step cost: it collects nothing. Our reading: the agent first learns
+  "go to blue, avoid red", the swap teaches it to avoid blue too, and with little entropy it
+  does not find red again.
+  Fixed eps 0.05, mean reward per step in the 8 phases: -0.003, -0.040, 0.092, -0.040, 0.067,
+  -0.041, 0.127, -0.041. More exploration does learn red, late: with fixed eps 0.2 the last
+  quarter of the last two red phases earns +0.04 per step, but its later blue phases average
+  0.02 to 0.04 (eps 0.05: 0.07 to 0.13). A swap-aware eps could win this trade-off; that is
+  what BMG is claimed to learn.
+- BMG's eps goes the other way: about 0.19 while the agent exploits, 0.17 just after each swap
+  (epsilon.png). Part of the drift comes from the bootstrap itself: the target's L - 1 steps use
+  the meta-learner's own eps, so the target lies further along the entropy gradient than
+  theta_K, and matching pulls eps up. Mean eps grows with L (BMG arm alone, 5 seeds): L = 1
+  0.10, L = 4 0.18, L = 9 0.18, L = 16 0.21; with eps = 0 in the target's L - 1 steps the
+  learned eps stays near 0.13.
+- The seed spread hides the arms' differences. A seed's outcome is chaotic: same seeds, same
+  config, fixed eps 0.1 gives 7637 +- 2482 when run alone and 2729 when vmapped next to three
+  other eps values (only floating-point rounding differs). With the meta-learner frozen (meta
+  learning rate 1e-9, eps about 0.10 throughout), the MG arm scores -1024 +- 9274 and the BMG
+  arm 7714 +- 8752: the gap between arms that set eps identically exceeds every gap above.
+Other settings tried, same 5 seeds (mean +- std of cumulative reward):
+- hidden 64, 480k steps: best fixed (0.2) 5201 +- 4355, MG 12182 +- 6303, BMG 3730 +- 8492,
+  BMG L = 1 14934 +- 6045 (about 200 s of CPU time). BMG is again the last meta arm.
+- hidden 256 (the public reproductions' width), 240k steps: every arm learns faster; best fixed
+  (0.05) 8337 +- 4595, MG 3048 +- 8117, BMG 5728 +- 1693, BMG L = 1 4518 +- 7684, BMG's eps
+  0.18 before and 0.14 after swaps (670 s of CPU time: too slow for the default).
+- the paper's meta learning rate 1e-4, 480k steps: eps barely moves from 0.1 in any arm;
+  MG 4723 +- 6498, BMG -2188 +- 10929, BMG L = 1 4911 +- 5911.
+- MG's meta-objective as in the public reproduction MagiFeeney/Bootstrapped-Meta-Learning (the
+  mean over the K steps of L_pg - 0.12 H), 240k steps: MG -4128 +- 2329 (plain L_pg of
+  theta_K: -2323 +- 2583), its eps rising from 0.17 to 0.20 after swaps.
+The paper trains 13x longer, with 100k steps per phase, where the agent can learn both colours
+and the bootstrap's benefit after a swap has room to show.
 
 Differences from the paper (chosen so that a run fits in minutes on 2 CPU cores):
 - 480k environment steps with a swap every 60k (paper: 6.4M steps, swaps every 100k).
 - K = 7 and L = 9 as in the paper, but meta learning rate 1e-3 (paper 1e-4), since there are
   about 13x fewer meta-updates.
-- The agent is two 2-layer MLPs of width 32 (actor and critic); the observation is one-hot row
-  and column of agent, blue and red, as in the public reproductions.
-- MG's meta-objective is the plain policy-gradient loss, the same objective as BMG's last
-  target step, so the two differ only in the bootstrap.
+- The agent is two 2-layer MLPs of width 32 (actor and critic; the public reproductions use
+  256, `--hidden 256`); the observation is one-hot row and column of agent, blue and red, as in
+  the public reproductions.
+- MG's meta-objective is the plain policy-gradient loss of theta_K on its next rollout, the same
+  objective as BMG's last target step, so the two differ only in the bootstrap (a public
+  reproduction averages L_pg - 0.12 H over the inner steps; measured above, it does worse).
 - Every rollout gives one real agent update: BMG continues from theta_{K+L-1}, so its target
   rollouts are also the agent's experience. All arms see the same number of environment steps
   and, per seed, start from the same agent and grid.
@@ -99,7 +122,6 @@ OBS_DIM = 3 * 2 * GRID  # one-hot row and column of agent, blue, red
 STEP_COST = -0.04
 GAMMA = 0.99
 STATS_LEN = 10  # the meta-learner sees the mean reward of the last 10 rollouts (as the paper)
-HIDDEN = 32
 META_HIDDEN = 32
 EPS_INIT = 0.1  # the meta-learners start from eps = 0.1 (sigmoid of the output bias)
 CHUNKS = 10  # host round-trips per arm: one progress-bar tick and one log line each
@@ -128,6 +150,8 @@ class Config:
     """K: agent steps differentiated through per meta-update (paper: 7)."""
     l_target: int = 9
     """L: BMG's bootstrap horizon, L - 1 agent steps plus one policy-gradient step (paper: 9)."""
+    hidden: int = 32
+    """Width of the actor's and the critic's two hidden layers (public reproductions: 256)."""
     fixed_epsilons: tuple[float, ...] = (0.0, 0.01, 0.05, 0.2)
     """Entropy weights of the fixed-eps A2C baselines; the best one is reported."""
 
@@ -205,12 +229,12 @@ def apply_mlp(layers: list[dict], x: jax.Array) -> jax.Array:
     return x @ layers[-1]["w"] + layers[-1]["b"]
 
 
-def init_agent(key: jax.Array) -> dict:
+def init_agent(key: jax.Array, hidden: int) -> dict:
     """Separate actor and critic MLPs, as the paper's A2C."""
     k_pi, k_v = jax.random.split(key)
-    actor = init_mlp(k_pi, [OBS_DIM, HIDDEN, HIDDEN, N_ACTIONS])
+    actor = init_mlp(k_pi, [OBS_DIM, hidden, hidden, N_ACTIONS])
     actor[-1]["w"] = actor[-1]["w"] * 0.01  # near-uniform initial policy
-    return {"actor": actor, "critic": init_mlp(k_v, [OBS_DIM, HIDDEN, HIDDEN, 1])}
+    return {"actor": actor, "critic": init_mlp(k_v, [OBS_DIM, hidden, hidden, 1])}
 
 
 def policy_logits(params: dict, obs: jax.Array) -> jax.Array:
@@ -387,7 +411,7 @@ class Carry(NamedTuple):
 
 def init_carry(key: jax.Array, cfg: Config, optimizer) -> Carry:
     k_env, k_agent, k_meta, k_ro, key = jax.random.split(key, 5)
-    params = init_agent(k_agent)
+    params = init_agent(k_agent, cfg.hidden)
     ro, env_state = collect_rollout(params, env_reset(k_env), k_ro, cfg)
     meta_params = init_meta(k_meta)
     stats = jnp.zeros(STATS_LEN).at[-1].set(jnp.mean(ro.rewards))
@@ -574,6 +598,8 @@ def validate(cfg: Config) -> pathlib.Path:
     for name in ("total_steps", "swap_every", "num_seeds", "rollout_len", "k_inner", "l_target"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.hidden <= 0:
+        raise ValueError(f"hidden must be a positive integer, got {cfg.hidden}")
     if cfg.total_steps < cfg.rollout_len * CHUNKS:
         raise ValueError(f"total_steps must be >= rollout_len * {CHUNKS}, got {cfg.total_steps}")
     if cfg.lr <= 0 or cfg.meta_lr <= 0:

@@ -45,7 +45,8 @@ Expected result (defaults, seed 0, packaged SmolLM2-135M, 18 LoRA steps, measure
 perplexity 96.9 -> 62.0 (-36%, the bar is -25%); MiniLM cosine to the held-out sonnets
 0.30 -> 0.52; ROUGE-L 0.108 -> 0.117; no generation shares 8+ words with a training sonnet
 (longest shared n-gram: 4 words). Runtime on an idle 2-core CPU, measured: 151 s of wall time,
-276 s of CPU time (the converted model already cached; the first run adds about 20 s). Numbers in runs/llama3_sft/metrics.json; before/after table and samples in samples.md.
+276 s of CPU time (the converted model already cached; the first run adds about 20 s).
+Numbers in runs/llama3_sft/metrics.json; before/after table and samples in samples.md.
 
 Differences from a real Llama 3 SFT
 -----------------------------------

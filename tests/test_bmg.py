@@ -152,6 +152,7 @@ def test_bmg_bad_configs_raise(tmp_path):
     for bad in [
         dict(total_steps=0),
         dict(k_inner=-1),
+        dict(hidden=0),
         dict(lr=0.0),
         dict(fixed_epsilons=(1.5,)),
         dict(fixed_epsilons=()),
