@@ -46,13 +46,14 @@ losses span an order of magnitude and the plots are log-log, and report R^2 of l
     python tasks/scaling_laws.py
     python tasks/scaling_laws.py --help
 
-Expected at defaults (46 runs of 800 steps; 2-core CPU, about 150 s of CPU time, user + sys, of
-which ~20 s is compiling the 5 widths): model_alpha ~ 0.43 (R^2 ~ 0.975, E fitted at ~0: no floor
-visible below 18k parameters), data_alpha ~ 0.59 (R^2 ~ 0.99, E ~ 0.063: the step budget's floor),
-joint alpha ~ 0.45, beta ~ 0.61 (R^2 ~ 0.96). The bar is R^2 >= 0.95 for each 1-D fit. The full
-model reaches ~97.0% validation and test accuracy. What the plots show beyond the fits: the model
-curve bends flat at the narrow end (1 to 2 channels: the linear head does most of the work there),
-and the data curve flattens at the top, where the 800-step budget, not data, is the limit.
+Expected at defaults (46 runs of 800 steps; on an idle 2-core CPU 95 s of wall time and 164 s of CPU
+time, user + sys, of which ~20 s is compiling the 5 widths): model_alpha ~ 0.43 (R^2 ~ 0.975, E
+fitted at ~0: no floor visible below 18k parameters), data_alpha ~ 0.59 (R^2 ~ 0.99, E ~ 0.063: the
+step budget's floor), joint alpha ~ 0.45, beta ~ 0.61 (R^2 ~ 0.96). The bar is R^2 >= 0.95 for each
+1-D fit. The full model reaches ~97.0% validation and test accuracy. What the plots show beyond the
+fits: the model curve bends flat at the narrow end (1 to 2 channels: the linear head does most of
+the work there), and the data curve flattens at the top, where the 800-step budget, not data, is the
+limit.
 Outputs in runs/scaling_laws/: metrics.json, runs.json (every run), scaling.png, joint.png,
 curves.png (validation loss against step, the early-stopping points starred).
 
