@@ -71,6 +71,9 @@ Other settings tried, same 5 seeds (mean +- std of cumulative reward):
 - hidden 256 (the public reproductions' width), 240k steps: every arm learns faster; best fixed
   (0.05) 8337 +- 4595, MG 3048 +- 8117, BMG 5728 +- 1693, BMG L = 1 4518 +- 7684, BMG's eps
   0.18 before and 0.14 after swaps (670 s of CPU time: too slow for the default).
+- the paper's swap period, 100k steps (500k steps, 5 phases): best fixed (0.2) 14847 +- 8322,
+  MG 12464 +- 20522, BMG 8008 +- 14629, BMG L = 1 20723 +- 12883; BMG's eps 0.18 before and 0.16
+  after swaps (`--total-steps 500000 --swap-every 100000`, 120 s on an idle 2-core CPU).
 - the paper's meta learning rate 1e-4, 480k steps: eps barely moves from 0.1 in any arm;
   MG 4723 +- 6498, BMG -2188 +- 10929, BMG L = 1 4911 +- 5911.
 - MG's meta-objective as in the public reproduction MagiFeeney/Bootstrapped-Meta-Learning (the
