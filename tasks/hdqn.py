@@ -158,6 +158,11 @@ def env_step(
     return EnvState(pos, visited, t), reward, done
 
 
+def env_auto_reset(state: EnvState, done: jax.Array) -> EnvState:
+    """The next episode's start state where `done`, else `state` (no Python branch: it jits)."""
+    return jax.tree.map(lambda r, e: jnp.where(done, r, e), env_reset(), state)
+
+
 def one_hot_state(pos: jax.Array) -> jax.Array:
     """The observation: a one-hot vector of the current state, (6,)."""
     return jax.nn.one_hot(pos, NUM_STATES)
@@ -406,7 +411,7 @@ def make_hdqn(cfg: Config):
         ctrl, _ = ctrl_update(c.ctrl._replace(buffer=ctrl_buffer), ctrl_key, c.step)
         meta, _ = meta_update(c.meta._replace(buffer=meta_buffer), meta_key, c.step)
         return HdqnCarry(
-            key, c.step + 1, jax.tree.map(lambda r, e: jnp.where(done, r, e), env_reset(), env),
+            key, c.step + 1, env_auto_reset(env, done),
             goal, option_start, option_reward, option_end,
             c.goal_reached.at[goal].add(reached.astype(jnp.int32)), meta, ctrl,
             log_step(c.log, env.pos, reward, done),
@@ -431,7 +436,7 @@ def make_flat_dqn(cfg: Config):
         env, reward, done = env_step(env_key, c.env, action, cfg.time_limit)
         buffer = buffer_add(c.dqn.buffer, obs, action, reward, one_hot_state(env.pos), done, True)
         dqn, _ = dqn_update(c.dqn._replace(buffer=buffer), learn_key, c.step)
-        env_next = jax.tree.map(lambda r, e: jnp.where(done, r, e), env_reset(), env)
+        env_next = env_auto_reset(env, done)
         return FlatCarry(key, c.step + 1, env_next, dqn, log_step(c.log, env.pos, reward, done))
 
     return init, step
@@ -466,7 +471,7 @@ def make_tabular_q(cfg: Config):
         env, reward, done = env_step(env_key, c.env, action, cfg.time_limit)
         target = reward + cfg.gamma * (1.0 - done) * c.q[env.pos].max()
         q = c.q.at[c.env.pos, action].add(c.step_size * (target - c.q[c.env.pos, action]))
-        env_next = jax.tree.map(lambda r, e: jnp.where(done, r, e), env_reset(), env)
+        env_next = env_auto_reset(env, done)
         log = log_step(c.log, env.pos, reward, done)
         return TabularCarry(key, c.step + 1, env_next, q, c.step_size, log)
 
