@@ -30,14 +30,22 @@ the controller has one epsilon1_g per goal, annealed adaptively from how often g
 The baseline is a flat DQN on the same observation (a one-hot of the current state). That state
 is not Markov for the reward: it does not say whether s6 was visited, so in s3..s5 "right" is
 right on the way out and wrong on the way back. Worse, for a flat learner the reward on reaching
-s1 looks the same whichever action it takes in s2, so "right" there only delays it:
-    Q(s2, right) = 0.5 * Rbar + 0.5 * gamma * V(s3)  <  Q(s2, left) = Rbar,
-where Rbar is the average reward on reaching s1 in the learner's data. The fixed point of the
-expected Q-learning update therefore always goes left (reward 0.01, the paper's flat number).
-A learner with small steps finds it. With larger steps, each rare reward of 1 (100 times the
-usual 0.01) kicks the Q-values, and the maximum in the target keeps the noisy values of s3..s6
-high. The greedy policy then keeps going right and earns more than 0.01. The run measures both
-regimes with flat tabular Q-learning at six step sizes (flat_learners.png).
+s1 from s2 cannot depend on the action that got it there, so "right" in s2 only delays it:
+    Q(s2, left) = Rbar(s2),    Q(s2, right) = 0.5 * Rbar(s2) + 0.5 * gamma * V(s3),
+where Rbar(s) is the average reward on reaching s1 over the times the learner is in s.
+`expected_update_fixed_points` checks all 32 memoryless greedy policies exactly. Under
+epsilon = 0.1 exploration (and for gamma 0.5, 0.9 and 0.99), the only policy the expected
+Q-learning update keeps is "always left", worth 0.01: the paper's flat number.
+
+A sampled learner need not find it. The equation above needs the data for (s2, left) and
+(s2, right) to come from the same mix of histories. A fixed policy gives that, since it cannot
+see the history. A learner whose greedy action in s2 flips now and then does not: many of its
+"left" samples come from the stretches when it was greedy-left, and those episodes end at once,
+having rarely seen s6. So "left" looks worse than it is, Q(s2, left) is underestimated, and the
+greedy action stays "right": a self-sustaining regime that earns more than 0.01. Large steps
+(Q-values that track recent data) produce the flips; small steps let the learner settle on
+"left". The run measures both regimes with flat tabular Q-learning at six step sizes
+(flat_learners.png) and records the mechanism in the flat DQN (metrics.json, below).
 
 Implementation: PureJaxRL style. The environment is pure JAX; one environment step of either
 agent (act, store, learn, reset) is a pure function; `lax.scan` runs chunks of steps under one
@@ -51,14 +59,19 @@ machine): average extrinsic reward over the last 1000 episodes, mean +- std over
 h-DQN 0.144 +- 0.010 (paper: about 0.13), flat DQN 0.065 +- 0.005 (paper: about 0.01), optimum
 0.208. h-DQN stays below 0.208 because both levels keep exploring with epsilon = 0.1 to the end.
 The flat DQN misses the paper's 0.01 (and the issue's bar of 0.05): it sits in the large-step
-regime above. Flat tabular Q-learning with the same exploration scores 0.010 at step sizes 0.002,
-0.005 and 0.01 (every seed ends greedy-left in s2), and 0.059, 0.104 and 0.093 at 0.02, 0.05 and
-0.1. A flat learner can earn that much without memory: "always right" is worth 0.1755 under the
-50-step limit (0.208 without it). The shared hyperparameters move the flat DQN only a little;
-it stays in the noisy regime (measured with `--gamma` and `--learning-rate`, 5 seeds each):
+regime above. At the end its Q(s2, left) is 0.038 and Q(s2, right) 0.064 (means over seeds);
+after annealing its greedy action in s2 was "left" 7% of the time; in its replay buffer 3.0% of
+the "left" exits from s2 paid 1, against 5.4% of the "right" exits that fell back to s1, where a
+fixed policy would give both the same share. Flat tabular Q-learning with the same exploration
+scores 0.010 at step sizes 0.002, 0.005 and 0.01 (every seed ends greedy-left in s2), and 0.059,
+0.104 and 0.093 at 0.02, 0.05 and 0.1. A flat learner can earn that much without memory:
+"always right" is worth 0.1755 under the 50-step limit (0.208 without it). The shared
+hyperparameters move the flat DQN only a little; it stays in the noisy regime (measured with
+`--gamma`, `--learning-rate` and `--buffer-size`, 5 seeds each):
     gamma 0.9: h-DQN 0.150, flat DQN 0.048      learning rate 2.5e-4: h-DQN 0.152, flat DQN 0.050
     gamma 0.95: h-DQN 0.150, flat DQN 0.053     learning rate 1e-4:   h-DQN 0.147, flat DQN 0.050
-So the paper's flat 0.01 depends on the learner's step size, not only on the missing memory.
+    buffer 2000: h-DQN 0.146, flat DQN 0.068
+So the paper's flat 0.01 depends on the learner settling, not only on the missing memory.
 Files in runs/hdqn/: reward.png, visits.png, flat_learners.png, metrics.json.
 
 Differences from the paper: the controller's epsilon1_g schedule. Algorithm 1 anneals it "using
@@ -208,6 +221,51 @@ def solve_mdp(horizon: int, policy: np.ndarray | None = None) -> float:
                 q[:, :, visited] += p[:, :, s_next] * continuation
         value = q.max(0) if policy is None else np.einsum("a,asv->sv", policy, q)
     return float(value[START, 0])
+
+
+def expected_update_fixed_points(epsilon: float, gamma: float) -> list[tuple[str, float]]:
+    """Every memoryless greedy policy that the *expected* flat Q-learning update keeps (exact).
+
+    A flat learner sees only the state, so its data mix the two histories of a state: whether s6
+    was visited or not. Under an epsilon-greedy behaviour policy, let w(s) be the share of the time
+    in s with s6 visited (from the episode's occupancy of (state, visited)). The reward on reaching
+    s1 then averages to Rbar(s) = 0.01 + 0.99 * w(s), and the update's fixed point solves
+        Q(s, a) = P(s1 | s, a) * Rbar(s) + gamma * sum_{s' != s1} P(s' | s, a) * max_a' Q(s', a').
+    A greedy policy is kept when it is greedy for its own fixed point. All 2^5 policies over
+    s2..s6 are checked; returns (policy as "L"/"R" for s2..s6, its episode reward) for each kept.
+    No time limit here: episodes end at s1 with probability 1.
+    """
+    p = transition_matrix()
+    live = range(1, NUM_STATES)  # s2..s6; s1 is terminal
+    end_reward = np.array([0.01, 1.0])
+    kept = []
+    for actions in np.ndindex(*(NUM_ACTIONS,) * len(live)):
+        greedy = np.array((0, *actions))  # index 0 (s1) is never used
+        behaviour = np.full((NUM_STATES, NUM_ACTIONS), epsilon / NUM_ACTIONS)
+        behaviour[np.arange(NUM_STATES), greedy] += 1.0 - epsilon
+        # occupancy of (state, visited) per episode: n = e_start + n @ M over the live states
+        step = np.zeros((NUM_STATES, 2, NUM_STATES, 2))
+        for s in live:
+            for visited in (0, 1):
+                moves = behaviour[s] @ p[:, s]  # P(s' | s) under the behaviour policy
+                for s_next in live:
+                    step[s, visited, s_next, visited | (s_next == GOAL_STATE)] += moves[s_next]
+        flat = step.reshape(2 * NUM_STATES, 2 * NUM_STATES)
+        start = np.zeros(2 * NUM_STATES)
+        start[2 * START] = 1.0
+        occupancy = np.linalg.solve(np.eye(2 * NUM_STATES) - flat.T, start).reshape(NUM_STATES, 2)
+        w = occupancy[:, 1] / np.maximum(occupancy.sum(1), 1e-300)
+        rbar = end_reward[0] + (end_reward[1] - end_reward[0]) * w
+        # the fixed point if the maximum picks `greedy` everywhere: a linear solve for V
+        reward = p[:, :, TERMINAL].T * rbar[:, None]  # (state, action)
+        rows = np.arange(NUM_STATES)
+        v = np.linalg.solve(np.eye(NUM_STATES) - gamma * p[greedy, rows], reward[rows, greedy])
+        q = reward + gamma * (p @ v).T  # then `greedy` is kept iff it is greedy for this q
+        if all(q[s].argmax() == greedy[s] for s in live):
+            ends = np.einsum("sa,as->s", behaviour, p[:, :, TERMINAL])  # P(s1 next | s)
+            episode_reward = float((occupancy * ends[:, None] * end_reward).sum())
+            kept.append(("".join("LR"[a] for a in actions), episode_reward))
+    return kept
 
 
 # %% ---------------------------------------------------------------- model and replay
@@ -365,6 +423,7 @@ class FlatCarry(NamedTuple):
     env: EnvState
     dqn: Learner
     log: EpisodeLog
+    s2_greedy: jax.Array  # (2,) steps in s2 once epsilon is annealed: greedy "left", greedy "right"
 
 
 def make_hdqn(cfg: Config):
@@ -426,18 +485,26 @@ def make_flat_dqn(cfg: Config):
 
     def init(key: jax.Array) -> FlatCarry:
         key, net_key = jax.random.split(key)
-        return FlatCarry(key, jnp.int32(0), env_reset(), dqn_init(net_key), log_init(cfg.num_steps))
+        return FlatCarry(
+            key, jnp.int32(0), env_reset(), dqn_init(net_key), log_init(cfg.num_steps),
+            jnp.zeros(NUM_ACTIONS, jnp.int32),
+        )  # fmt: skip
 
     def step(c: FlatCarry) -> FlatCarry:
         key, act_key, env_key, learn_key = jax.random.split(c.key, 4)
         obs = one_hot_state(c.env.pos)
         epsilon = linear_epsilon(c.step / (cfg.anneal_frac * cfg.num_steps))
-        action = epsilon_greedy(act_key, dqn_q(c.dqn.params, obs), epsilon)
+        q = dqn_q(c.dqn.params, obs)
+        action = epsilon_greedy(act_key, q, epsilon)
+        # a diagnostic: how often the greedy action in s2 is "left" once exploration is annealed
+        counted = (c.env.pos == START) & (epsilon <= EPS_MIN)
+        s2_greedy = c.s2_greedy.at[q.argmax()].add(counted.astype(jnp.int32))
         env, reward, done = env_step(env_key, c.env, action, cfg.time_limit)
         buffer = buffer_add(c.dqn.buffer, obs, action, reward, one_hot_state(env.pos), done, True)
         dqn, _ = dqn_update(c.dqn._replace(buffer=buffer), learn_key, c.step)
         env_next = env_auto_reset(env, done)
-        return FlatCarry(key, c.step + 1, env_next, dqn, log_step(c.log, env.pos, reward, done))
+        log = log_step(c.log, env.pos, reward, done)
+        return FlatCarry(key, c.step + 1, env_next, dqn, log, s2_greedy)
 
     return init, step
 
@@ -506,8 +573,9 @@ def make_train(cfg: Config, agent: str):
     return jax.jit(jax.vmap(init)), jax.jit(jax.vmap(scan_chunk))  # vmap over seeds
 
 
-def train(cfg: Config, agent: str, progress: tqdm | None = None) -> EpisodeLog:
-    """Trains `cfg.num_seeds` seeds of one agent ("hdqn" or "dqn") at once; returns their logs."""
+def train(cfg: Config, agent: str, progress: tqdm | None = None) -> HdqnCarry | FlatCarry:
+    """Trains `cfg.num_seeds` seeds of one agent ("hdqn" or "dqn") at once; returns the final
+    carry of every seed (its `log` holds the episodes), on the host."""
     init, run_chunk = make_train(cfg, agent)
     chunk = cfg.num_steps // NUM_CHUNKS
     offset = {"hdqn": 0, "dqn": 1}[agent]
@@ -525,10 +593,31 @@ def train(cfg: Config, agent: str, progress: tqdm | None = None) -> EpisodeLog:
         )
         if progress is not None:
             progress.update(1)
-    return jax.device_get(carry.log)
+    return jax.device_get(carry)
 
 
 # %% ---------------------------------------------------------------- evaluation
+def flat_dqn_diagnostics(cfg: Config, carry: FlatCarry) -> dict[str, np.ndarray]:
+    """Per seed, why the flat DQN keeps going right: its final Q(s2, .), how its replay data
+    reward the two ways out of s2, and how often its greedy action in s2 was "left"."""
+    q_values = make_dqn(cfg, NUM_STATES, NUM_ACTIONS)[1]
+    q_s2 = np.asarray(jax.vmap(q_values, in_axes=(0, None))(carry.dqn.params, one_hot_state(START)))
+    buf = carry.dqn.buffer  # the last `buffer_size` transitions of each seed
+    stored = np.arange(cfg.buffer_size) < buf.size[:, None]
+    from_s2 = stored & (buf.obs.argmax(-1) == START)
+    into_s1 = buf.next_obs.argmax(-1) == TERMINAL
+    share_of_1 = np.stack(
+        [
+            ((buf.reward == 1.0) & from_s2 & into_s1 & (buf.action == a)).sum(1)
+            / np.maximum((from_s2 & into_s1 & (buf.action == a)).sum(1), 1)
+            for a in (LEFT, RIGHT)
+        ],
+        axis=1,
+    )  # (seeds, action): share of the ends in s1 that paid 1 (s6 had been visited)
+    greedy_left = carry.s2_greedy[:, LEFT] / np.maximum(carry.s2_greedy.sum(1), 1)
+    return {"q_s2": q_s2, "replay_share_of_1": share_of_1, "greedy_left_share": greedy_left}
+
+
 def last_episodes_mean(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Per seed: the mean of `values` (reward or visits) over its last 1000 finished episodes."""
     return np.stack([v[n - LAST_EPISODES : n].mean(0) for v, n in zip(values, counts)])
@@ -633,11 +722,15 @@ def main(cfg: Config) -> dict:
     optimum = solve_mdp(cfg.time_limit)  # value iteration on (state, s6 visited, steps left)
     always_right = solve_mdp(cfg.time_limit, policy=np.array([0.0, 1.0]))  # needs no memory
     with tqdm(total=2 * NUM_CHUNKS, desc="h-DQN and flat DQN chunks", disable=None) as progress:
-        logs = {agent: train(cfg, agent, progress) for agent in ("hdqn", "dqn")}
+        final = {agent: train(cfg, agent, progress) for agent in ("hdqn", "dqn")}
+    logs = {agent: carry.log for agent, carry in final.items()}
     for agent, log in logs.items():
         if log.count.min() < LAST_EPISODES:
             raise ValueError(f"{agent} finished only {log.count.min()} episodes; raise num_steps")
     hdqn, dqn = (last_episodes_mean(logs[a].reward, logs[a].count) for a in ("hdqn", "dqn"))
+    diag = flat_dqn_diagnostics(cfg, final["dqn"])
+    # exact: which memoryless greedy policies the expected flat update keeps at epsilon 0.1
+    fixed_points = expected_update_fixed_points(EPS_MIN, cfg.gamma)
     # The diagnostic: flat tabular Q-learning at several step sizes, every seed (3 s)
     tab_log, tab_q = train_tabular(cfg, cfg.tabular_step_sizes)
     tab = np.stack([last_episodes_mean(r, n) for r, n in zip(tab_log.reward, tab_log.count)])
@@ -667,6 +760,12 @@ def main(cfg: Config) -> dict:
         "always_right_reward": always_right,
         "hdqn_s6_visits_per_episode": float(s6_visits(logs["hdqn"])),
         "dqn_s6_visits_per_episode": float(s6_visits(logs["dqn"])),
+        "dqn_q_s2_left": float(diag["q_s2"][:, LEFT].mean()),
+        "dqn_q_s2_right": float(diag["q_s2"][:, RIGHT].mean()),
+        "dqn_s2_greedy_left_share": float(diag["greedy_left_share"].mean()),
+        "dqn_replay_s2_left_paid_1": float(diag["replay_share_of_1"][:, LEFT].mean()),
+        "dqn_replay_s2_right_paid_1": float(diag["replay_share_of_1"][:, RIGHT].mean()),
+        "flat_expected_update_fixed_points": " ".join(f"{p}:{r:.4f}" for p, r in fixed_points),
         "hdqn_episodes": int(logs["hdqn"].count.min()),
         "dqn_episodes": int(logs["dqn"].count.min()),
         "tabular_step_sizes": " ".join(f"{lr:g}" for lr in cfg.tabular_step_sizes),

@@ -112,6 +112,20 @@ def test_hdqn_gradients_nonzero_after_one_update():
     assert all(jax.tree.leaves(same))  # the target network waits for its period
 
 
+def test_hdqn_expected_flat_update_keeps_only_always_left():
+    # Exact enumeration of the 32 memoryless greedy policies (docstring): under epsilon-greedy
+    # exploration the expected flat Q-learning update keeps only "always left", worth 0.01.
+    for gamma in (0.5, 0.9, 0.99):
+        for epsilon in (0.1, 0.3):
+            kept = hdqn.expected_update_fixed_points(epsilon, gamma)
+            assert [policy for policy, _ in kept] == ["LLLLL"], (gamma, epsilon, kept)
+            assert kept[0][1] == pytest.approx(0.01, abs=1e-4)
+    # its occupancy arithmetic agrees with backward induction: the uniform random policy
+    (_, random_reward), *_ = hdqn.expected_update_fixed_points(1.0, 0.99)
+    exact = hdqn.solve_mdp(3_000, policy=np.array([0.5, 0.5]))
+    assert random_reward == pytest.approx(exact, abs=1e-9)
+
+
 def test_hdqn_flat_tabular_q_small_steps_reach_the_always_left_fixed_point():
     # The expected Q-learning update on the aliased state prefers "left" in s2 (docstring), so
     # with small steps every seed ends greedy-left and earns 0.01; large steps stay above it.
@@ -142,7 +156,7 @@ def test_hdqn_bad_config_raises(tmp_path):
 
 def test_hdqn_same_seed_same_result():
     cfg = hdqn.Config(num_steps=200, num_seeds=2, buffer_size=200)
-    first, second = hdqn.train(cfg, "dqn"), hdqn.train(cfg, "dqn")
+    first, second = hdqn.train(cfg, "dqn").log, hdqn.train(cfg, "dqn").log
     np.testing.assert_array_equal(first.reward, second.reward)
     np.testing.assert_array_equal(first.visits, second.visits)
     assert not np.array_equal(first.visits[0], first.visits[1])  # the two vmapped seeds differ
@@ -156,5 +170,8 @@ def test_hdqn_tiny_run_beats_flat_dqn(tmp_path):
     assert metrics["hdqn_reward"] > 0.09, metrics
     assert metrics["hdqn_reward"] > metrics["dqn_reward"] + 0.015, metrics
     assert metrics["optimal_reward"] == pytest.approx(0.208, abs=1e-4)
+    assert metrics["flat_expected_update_fixed_points"].startswith("LLLLL:0.0100")
+    for name in ("dqn_q_s2_left", "dqn_q_s2_right", "dqn_replay_s2_left_paid_1"):
+        assert 0.0 <= metrics[name] <= 1.0, metrics
     for name in ("reward.png", "visits.png", "flat_learners.png", "metrics.json"):
         assert (tmp_path / name).exists()
