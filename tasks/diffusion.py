@@ -39,6 +39,7 @@ headline uses Heun, and the run reports ancestral sampling and the perfect i.i.d
 
     python tasks/diffusion.py
     python tasks/diffusion.py --help
+    python tasks/diffusion.py --preset paper   # Ho et al.'s schedule: T = 1000, betas 1e-4..0.02
 
 Expected at defaults (2-core CPU, about 60 s of CPU time including compilation and evaluation):
 w2_ratio 1.108, 1.133, 1.036 for seeds 0, 1, 2 (bar: <= 1.2) with Heun in 50 steps (99 NFE) from
@@ -46,16 +47,32 @@ Sobol noise; ancestral DDPM in 100 steps scores 1.45 to 1.71, beside a perfect i
 1.34 to 1.46. abar_T = 2.0e-5.
 Differences from the paper: T = 100 instead of 1000, with the betas rescaled; an MLP instead of a
 U-Net; the data are normalised to unit variance for training and mapped back for the samples.
-Outputs in runs/diffusion/: metrics.json, samples.npy, forward.png, reverse.png, samples.png,
-w2_vs_steps.png, loss.png.
+Outputs in runs/diffusion/: metrics.json, config.json, samples.npy, forward.png, reverse.png,
+samples.png, w2_vs_steps.png, loss.png. metrics.json also records the device, the preset and the
+training throughput (steps/s, compilation excluded).
+
+The `paper` preset is the DDPM schedule itself: T = 1000 with Ho et al.'s linear betas from 1e-4 to
+0.02 (our 1000 / T rescaling is exactly 1 there, so no other schedule is needed). The model, the
+training and the headline sampler stay as in the default; the paper's own sampler, ancestral over
+all 1000 steps, is reported beside it (w2_ratio_ddpm_ancestral). It has not been run to the end
+here, only smoke-tested for a few steps.
 """
 
 # %%
+import contextlib
+import dataclasses
 import json
+import math
 import os
 import pathlib
+import shlex
+import shutil
+import sys
+import tempfile
 import time
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -73,13 +90,120 @@ from scipy.stats import norm, qmc
 from sklearn.datasets import make_moons
 from tqdm import tqdm
 
+Sampler = Literal["heun", "ddim", "ddpm"]
+Noise = Literal["sobol", "iid"]
 SAMPLERS = {"ddpm": 1.0, "ddim": 0.0, "heun": 0.0}  # sampler -> eta (heun is deterministic)
-NOISES = ("sobol", "iid")
+NOISES = typing.get_args(Noise)
+MAX_SAMPLES = 10_000  # the exact W2 assignment costs n^2 memory and about n^3 time
+
+
+# %% ---------------------------------------------------------------- helpers
+def option_error(name: str, value, allowed: str) -> ValueError:
+    """The one-line message for a bad option, spelled as on the command line."""
+    return ValueError(f"--{name.replace('_', '-')} {value}: {allowed}")
+
+
+def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """Raise unless cfg.<name> is finite and in the range (NaN and inf never are)."""
+    value, show = getattr(cfg, name), lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"
+    above = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above and (value < high if high_open else value <= high)):
+        parts = [] if low == -math.inf else [f"{'>' if low_open else '>='} {show(low)}"]
+        parts += [] if high == math.inf else [f"{'<' if high_open else '<='} {show(high)}"]
+        raise option_error(name, value, "must be a finite number " + " and ".join(parts))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
+    The run replaces it whole, so a folder holding anything else is refused."""
+    path = pathlib.Path(out_dir).resolve()
+    if path.exists() and not path.is_dir():
+        raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+        raise option_error(
+            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=path.parent).cleanup()
+    except OSError as err:
+        raise option_error("out_dir", out_dir, f"cannot be written ({err.strerror})") from None
+
+
+@contextlib.contextmanager
+def staged_run(out_dir: str):
+    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
+    or killed run leaves the previous results as they were, never a mix of two runs."""
+    final = pathlib.Path(out_dir).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if (final / "study").is_dir():  # a study's outputs (studies/) are not this run's to drop
+        os.replace(final / "study", stage / "study")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(stage, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
+    """config.json, then metrics.json last and atomically, as strict JSON (no NaN or Infinity)."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"metrics {bad} are not finite; the run diverged")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1, allow_nan=False))
+    os.replace(tmp, out / "metrics.json")
+
+
+def cli_config(args: list[str] | None = None) -> "Config":
+    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
+    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    if args is None:
+        in_kernel = "ipykernel" in sys.modules
+        args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
+    flags = [f"{a}={b}" if a == "--preset" else a for a, b in zip(args, args[1:] + [""])]
+    name = ([f.split("=", 1)[1] for f in flags if f.startswith("--preset=")] or ["cpu"])[-1]
+    return tyro.cli(Config, default=PRESETS.get(name, PRESETS["cpu"]), args=args)
+
+
+def run_cli() -> dict:
+    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
+    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    cfg = cli_config()
+    try:
+        validate(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        return main(cfg)
+    except (FloatingPointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def device_info() -> dict:
+    """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
+    devices = jax.devices()
+    return {
+        "device": f"{jax.default_backend()}:{devices[0].device_kind}",
+        "num_devices": len(devices),
+    }
 
 
 # %% ---------------------------------------------------------------- config
 @dataclass(frozen=True)
 class Config:
+    preset: Literal["cpu", "paper"] = "cpu"
+    """cpu (the 2-core run) or paper (Ho et al.'s DDPM schedule: T = 1000, betas 1e-4..0.02).
+    Flags given on the command line override the preset's values."""
     seed: int = 0
     """Random seed for data, initialisation, training and sampling."""
     out_dir: str = "runs/diffusion"
@@ -98,50 +222,47 @@ class Config:
     """Peak Adam learning rate; it decays to zero by a cosine schedule."""
     num_train: int = 20_000
     """Size of the fixed training set of moons (evaluation always uses fresh moons)."""
-    sampler: str = "heun"
+    sampler: Sampler = "heun"
     """heun (DDIM's ODE, second order), ddim (deterministic, eta = 0) or ddpm (ancestral)."""
     sample_steps: int = 50
-    """Reverse steps, a subsequence of the T steps (ddpm with T steps is the paper's sampler)."""
-    noise: str = "sobol"
+    """Reverse steps (2..T), a subsequence of the T steps (ddpm with T steps is the paper's)."""
+    noise: Noise = "sobol"
     """Starting noise x_T: sobol (quasi-random, evenly spread) or iid (plain draws)."""
     num_samples: int = 2000
     """Samples written to samples.npy and compared with fresh moons."""
 
 
+PRESETS: dict[str, Config] = {
+    "cpu": Config(),
+    "paper": Config(preset="paper", num_timesteps=1000),
+}
+
+
 def validate(cfg: Config) -> None:
-    """Fail fast, with one line that says what is wrong and what is allowed."""
-    for name in (
-        "train_steps",
-        "batch_size",
-        "hidden",
-        "depth",
-        "num_train",
-        "sample_steps",
-        "num_samples",
-    ):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
-    if not 25 <= cfg.num_timesteps <= 1000:
-        raise ValueError(
-            f"num_timesteps must be in 25..1000 (beta_T = 20/T < 1), got {cfg.num_timesteps}"
-        )
+    """Fail fast, before any work, with one line that says what is wrong and what is allowed."""
+    check_number(cfg, "seed", 0, 2**32, high_open=True)  # numpy's seeds are 0 .. 2**32 - 1
+    for name in ("train_steps", "batch_size", "hidden", "depth"):
+        check_number(cfg, name, 1)
+    check_number(cfg, "num_train", 2)  # the data are normalised by their standard deviation
+    check_number(cfg, "num_samples", 2, MAX_SAMPLES)
+    # the rescaled beta_T = 20 / T must stay well below 1
+    check_number(cfg, "num_timesteps", 25, 1000)
+    # 2 at least: the reverse steps run from t = T down to t = 1, so both ends are on the grid
+    check_number(cfg, "sample_steps", 2)
     if cfg.sample_steps > cfg.num_timesteps:
-        raise ValueError(
-            f"sample_steps ({cfg.sample_steps}) cannot exceed num_timesteps ({cfg.num_timesteps})"
+        raise option_error(
+            "sample_steps",
+            cfg.sample_steps,
+            f"cannot exceed --num-timesteps ({cfg.num_timesteps}): a subsequence of the T steps",
         )
-    if not cfg.learning_rate > 0:
-        raise ValueError(f"learning_rate must be positive, got {cfg.learning_rate}")
+    check_number(cfg, "learning_rate", 0, 1, low_open=True)
     if cfg.sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise option_error("sampler", cfg.sampler, f"choose one of {', '.join(SAMPLERS)}")
     if cfg.noise not in NOISES:
-        raise ValueError(f"unknown noise {cfg.noise!r}; choose one of {', '.join(NOISES)}")
-    try:
-        out = pathlib.Path(cfg.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write_test").touch()
-        (out / ".write_test").unlink()
-    except OSError as e:
-        raise ValueError(f"out_dir {cfg.out_dir!r} is not writable: {e.strerror}") from None
+        raise option_error("noise", cfg.noise, f"choose one of {', '.join(NOISES)}")
+    if cfg.preset not in PRESETS:
+        raise option_error("preset", cfg.preset, f"choose one of {', '.join(PRESETS)}")
+    check_out_dir(cfg.out_dir)
 
 
 # %% ---------------------------------------------------------------- data
@@ -224,7 +345,9 @@ def make_train_step(graphdef, optimizer, schedule, data: jax.Array, batch_size: 
 
 def train(cfg: Config, data: np.ndarray, key: jax.Array, num_chunks: int = 20):
     """Train eps(x, t) with Adam. The steps run jitted, in lax.scan chunks, so the host only
-    wakes up between chunks to log. Returns the trained model and the per-step losses."""
+    wakes up between chunks to log and to check that the loss is finite. Returns the trained
+    model, the per-step losses and the throughput in steps/s (the first chunk, which compiles,
+    left out)."""
     key, init_key = jax.random.split(key)
     model = NoiseMLP(cfg.hidden, cfg.depth, nnx.Rngs(init_key))
     graphdef, params = nnx.split(model)
@@ -237,12 +360,25 @@ def train(cfg: Config, data: np.ndarray, key: jax.Array, num_chunks: int = 20):
     losses = []
     keys = jax.random.split(key, cfg.train_steps)
     bounds = np.unique(np.linspace(0, cfg.train_steps, num_chunks + 1).astype(int))
+    start = compiled = time.perf_counter()
     for i, (a, b) in enumerate(tqdm(list(zip(bounds[:-1], bounds[1:])), disable=None)):
         carry, chunk_losses = run_chunk(carry, keys[a:b])
-        losses.append(np.asarray(chunk_losses))
+        losses.append(np.asarray(chunk_losses))  # waits for the chunk: the timing is honest
+        if not np.isfinite(losses[-1]).all():
+            bad = int(np.argmin(np.isfinite(losses[-1])))
+            raise FloatingPointError(
+                f"training diverged at step {a + bad + 1}: loss is {losses[-1][bad]}; "
+                "try a smaller --learning-rate"
+            )
+        if i == 0:  # the first chunk includes compilation
+            compiled, first = time.perf_counter(), b
         if i % 5 == 0 or i == num_chunks - 1:
             print(f"step={sum(map(len, losses))} loss={losses[-1].mean():.4f}", flush=True)
-    return nnx.merge(graphdef, carry[0]), np.concatenate(losses)
+    # steps/s after compilation; a run of a single chunk can only be timed with it
+    end = time.perf_counter()
+    timed = cfg.train_steps - first
+    steps_per_s = timed / (end - compiled) if timed else first / (end - start)
+    return nnx.merge(graphdef, carry[0]), np.concatenate(losses), steps_per_s
 
 
 # %% ---------------------------------------------------------------- sampling
@@ -436,17 +572,18 @@ def plot_all(out, schedule, data, ddim, ddpm, path, losses, w2_table, cfg):
 def main(cfg: Config) -> dict:
     validate(cfg)
     start = time.perf_counter()
-    out = pathlib.Path(cfg.out_dir)
     train_key, sample_key = jax.random.split(jax.random.key(cfg.seed))
 
     # Train in normalised coordinates, where N(0, I) and the data have the same scale.
     data = moons(cfg.num_train, cfg.seed)
     mu, sd = data.mean(axis=0), data.std(axis=0)
-    model, losses = train(cfg, (data - mu) / sd, train_key)
+    model, losses, steps_per_s = train(cfg, (data - mu) / sd, train_key)
     schedule = make_schedule(cfg.num_timesteps)
 
     def draw(x_T, steps, sampler, path=False):
         xs = np.asarray(sample(model, schedule, x_T, sample_key, steps, sampler)) * sd + mu
+        if not np.isfinite(xs[-1]).all():  # W2's assignment would fail on it, after all this work
+            raise FloatingPointError(f"sampling diverged ({sampler}, {steps} steps)")
         return xs if path else xs[-1]
 
     x_T = base_noise(cfg.num_samples, cfg.noise, cfg.seed)
@@ -464,46 +601,51 @@ def main(cfg: Config) -> dict:
     w2_perfect_iid = np.mean(
         [w2_distance(iid_moons(cfg.num_samples, rng), fresh) for _ in range(5)]
     )
-    # The sampler study, on 1000 points with its own floor (an assignment of 2000 poor samples
-    # takes seconds). DDIM starts from cfg.noise; DDPM from i.i.d. noise, as it injects more.
+    # The sampler study, on 1000 points (fewer if num_samples is smaller) with its own floor (an
+    # assignment of 2000 poor samples takes seconds). DDIM starts from cfg.noise; DDPM from i.i.d.
+    # noise, as it injects more.
+    n_study = min(1000, cfg.num_samples)
     steps_grid = [s for s in (5, 10, 20, 50, 100) if s <= cfg.num_timesteps]
-    fresh_small, floor_small = moons(1000, 7_919 * (cfg.seed + 1) + 1), w2_floor(1000, cfg.seed, 3)
+    fresh_small = moons(n_study, 7_919 * (cfg.seed + 1) + 1)
+    floor_small = w2_floor(n_study, cfg.seed, 3)
     w2_table = {
         sampler: {
-            n: w2_distance(draw(base_noise(1000, noise, cfg.seed), n, sampler), fresh_small)
+            n: w2_distance(draw(base_noise(n_study, noise, cfg.seed), n, sampler), fresh_small)
             / floor_small
             for n in steps_grid
         }
         for sampler, noise in (("heun", cfg.noise), ("ddim", cfg.noise), ("ddpm", "iid"))
     }
 
-    plot_all(out, schedule, fresh, samples, ddpm_path[-1], ddpm_path, losses, w2_table, cfg)
-    np.save(out / "samples.npy", samples.astype(np.float32))
-
-    metrics = {
-        "task": "diffusion",
-        "seed": cfg.seed,
-        "w2": w2,
-        "w2_floor": floor,
-        "w2_ratio": w2 / floor,
-        "w2_ratio_target": 1.2,
-        "sampler": cfg.sampler,
-        "noise": cfg.noise,
-        "nfe": nfe(cfg.sampler, cfg.sample_steps),
-        "w2_ratio_ddpm_ancestral": w2_ddpm / floor,
-        "w2_ratio_perfect_iid_sampler": float(w2_perfect_iid / floor),
-        "alpha_bar_T": float(schedule["alpha_bars"][-1]),
-        "num_timesteps": cfg.num_timesteps,
-        "train_steps": cfg.train_steps,
-        "batch_size": cfg.batch_size,
-        "train_examples_seen": cfg.train_steps * cfg.batch_size,
-        "final_loss": float(losses[-len(losses) // 20 :].mean()),
-        **{f"w2_ratio_{s}_{n}": v for s, row in w2_table.items() for n, v in row.items()},
-        "wall_time_s": time.perf_counter() - start,
-    }
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, out / "metrics.json")  # written last and atomically
+    with staged_run(cfg.out_dir) as out:  # out_dir is replaced whole, only if all of this works
+        plot_all(out, schedule, fresh, samples, ddpm_path[-1], ddpm_path, losses, w2_table, cfg)
+        np.save(out / "samples.npy", samples.astype(np.float32))
+        metrics = {
+            "task": "diffusion",
+            "seed": cfg.seed,
+            "preset": getattr(cfg, "preset", "cpu"),
+            "w2": w2,
+            "w2_floor": floor,
+            "w2_ratio": w2 / floor,
+            "w2_ratio_target": 1.2,
+            "sampler": cfg.sampler,
+            "noise": cfg.noise,
+            "nfe": nfe(cfg.sampler, cfg.sample_steps),
+            "w2_ratio_ddpm_ancestral": w2_ddpm / floor,
+            "w2_ratio_perfect_iid_sampler": float(w2_perfect_iid / floor),
+            "alpha_bar_T": float(schedule["alpha_bars"][-1]),
+            "num_timesteps": cfg.num_timesteps,
+            "train_steps": cfg.train_steps,
+            "batch_size": cfg.batch_size,
+            "train_examples_seen": cfg.train_steps * cfg.batch_size,
+            "final_loss": float(losses[-len(losses) // 20 :].mean()),
+            **{f"w2_ratio_{s}_{n}": v for s, row in w2_table.items() for n, v in row.items()},
+            **device_info(),
+            "throughput": float(steps_per_s),
+            "throughput_unit": "steps/s",
+            "wall_time_s": time.perf_counter() - start,
+        }
+        write_metrics(out, cfg, metrics)  # config.json, then metrics.json last
     print(
         " ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -515,4 +657,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    run_cli()

@@ -25,7 +25,8 @@ Expected at defaults (seed 0, measured): 99.20% test accuracy, every class visua
 as its digit with confidence 1.000 (bar 0.9), 7 measured findings; 116 s of CPU time
 (user+sys) and 68 s of wall time on an idle 2-core CPU. Outputs in
 runs/interpret/: metrics.json, report.md, class_visualisations.png, deep_dream.png,
-first_layer_channels.png, saliency.png, ablation.png.
+first_layer_channels.png, saliency.png, ablation.png. metrics.json also records the device and the
+training throughput (Adam steps per second, compilation excluded).
 
 Differences from the references: the networks are tiny (two conv layers) and the images 28x28, so
 the octaves are 14, 20 and 28 pixels and the jitter is 1-2 pixels. Convolutions are written as
@@ -34,10 +35,17 @@ training step here (1.0 s vs 45 ms at batch 128), which matters on 2 cores.
 """
 
 # %%
+import contextlib
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import pathlib
+import shlex
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +62,144 @@ from tqdm import tqdm
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+# %% ---------------------------------------------------------------- helpers
+def data_root() -> pathlib.Path:
+    """The data and model cache: $TOY_EXAMPLES_DATA, else ~/.cache/toy_examples (`make data`)."""
+    return pathlib.Path(os.environ.get("TOY_EXAMPLES_DATA", "~/.cache/toy_examples")).expanduser()
+
+
+def option_error(name: str, value, allowed: str) -> ValueError:
+    """The one-line message for a bad option, spelled as on the command line."""
+    return ValueError(f"--{name.replace('_', '-')} {value}: {allowed}")
+
+
+def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """Raise unless cfg.<name> is finite and in the range (NaN and inf never are)."""
+    value, show = getattr(cfg, name), lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"
+    above = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above and (value < high if high_open else value <= high)):
+        parts = [] if low == -math.inf else [f"{'>' if low_open else '>='} {show(low)}"]
+        parts += [] if high == math.inf else [f"{'<' if high_open else '<='} {show(high)}"]
+        raise option_error(name, value, "must be a finite number " + " and ".join(parts))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
+    The run replaces it whole, so a folder holding anything else is refused."""
+    path = pathlib.Path(out_dir).resolve()
+    if path.exists() and not path.is_dir():
+        raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+        raise option_error(
+            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=path.parent).cleanup()
+    except OSError as err:
+        raise option_error("out_dir", out_dir, f"cannot be written ({err.strerror})") from None
+
+
+@contextlib.contextmanager
+def staged_run(out_dir: str):
+    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
+    or killed run leaves the previous results as they were, never a mix of two runs."""
+    final = pathlib.Path(out_dir).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if (final / "study").is_dir():  # a study's outputs (studies/) are not this run's to drop
+        os.replace(final / "study", stage / "study")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(stage, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
+    """config.json, then metrics.json last and atomically, as strict JSON (no NaN or Infinity)."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"metrics {bad} are not finite; the run diverged")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1, allow_nan=False))
+    os.replace(tmp, out / "metrics.json")
+
+
+def cli_config(args: list[str] | None = None) -> "Config":
+    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
+    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    if args is None:
+        in_kernel = "ipykernel" in sys.modules
+        args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
+    flags = [f"{a}={b}" if a == "--preset" else a for a, b in zip(args, args[1:] + [""])]
+    name = ([f.split("=", 1)[1] for f in flags if f.startswith("--preset=")] or ["cpu"])[-1]
+    return tyro.cli(Config, default=PRESETS.get(name, PRESETS["cpu"]), args=args)
+
+
+def run_cli() -> dict:
+    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
+    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    cfg = cli_config()
+    try:
+        validate(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        return main(cfg)
+    except (FloatingPointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def device_info() -> dict:
+    """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
+    devices = jax.devices()
+    return {
+        "device": f"{jax.default_backend()}:{devices[0].device_kind}",
+        "num_devices": len(devices),
+    }
+
+
+MNIST_SHA256 = {
+    "train-images.idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels.idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images.idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels.idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+
+def read_idx(path: pathlib.Path) -> np.ndarray:
+    """One IDX file, sha256 checked: 2 zero bytes, a type byte, ndim, big-endian dims, data."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `make data` (scripts/fetch_data.py)")
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != MNIST_SHA256[path.name]:
+        raise OSError(f"{path} is corrupt (wrong sha256): delete it and run `make data`")
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_mnist() -> dict[str, np.ndarray]:
+    """MNIST: x_train (60000, 28, 28) and x_test (10000, 28, 28) uint8, y_* int32 labels."""
+    folder = data_root() / "mnist"
+    x_train, y_train, x_test, y_test = (read_idx(folder / name) for name in MNIST_SHA256)
+    return {
+        "x_train": x_train,
+        "y_train": y_train.astype(np.int32),
+        "x_test": x_test,
+        "y_test": y_test.astype(np.int32),
+    }
 
 
 # %% ---------------------------------------------------------------- Config
@@ -83,34 +229,7 @@ class Config:
     """second-layer channels ablated per class (the k most selective for that class)"""
 
 
-# %% ---------------------------------------------------------------- data
-MNIST_SHA256 = {
-    "train-images.idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels.idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images.idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels.idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-}
-
-
-def read_idx(path: pathlib.Path) -> np.ndarray:
-    """Read one IDX file (big-endian header: 2 zero bytes, dtype 0x08 = uint8, ndim, dims)."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; fetch MNIST with `make data`")
-    raw = path.read_bytes()
-    if hashlib.sha256(raw).hexdigest() != MNIST_SHA256[path.name]:
-        raise ValueError(f"{path} is corrupt (sha256 mismatch); delete it and run `make data`")
-    ndim = raw[3]
-    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def load_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Train and test images (N, 28, 28) uint8 and labels (N,) from the cache folder."""
-    root = pathlib.Path(os.environ.get("TOY_EXAMPLES_DATA", "~/.cache/toy_examples")).expanduser()
-    names = ["train-images.idx3-ubyte", "train-labels.idx1-ubyte"]
-    names += ["t10k-images.idx3-ubyte", "t10k-labels.idx1-ubyte"]
-    x_train, y_train, x_test, y_test = (read_idx(root / "mnist" / n) for n in names)
-    return x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32)
+PRESETS: dict[str, Config] = {"cpu": Config()}
 
 
 # %% ---------------------------------------------------------------- model
@@ -204,7 +323,11 @@ def train_epoch(graphdef, params, opt_state, x_u8, y, key, batch_size, learning_
 
 
 def train(cfg: Config, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray):
-    """Adam with cosine decay, one jitted lax.scan per epoch. Returns (model, [(loss, val_acc)])."""
+    """Adam with cosine decay, one jitted lax.scan per epoch.
+
+    Returns (model, [(train loss, val_acc) per epoch], training steps per second). The rate is
+    timed over the epochs after the first, which also compiles (over the only one if epochs = 1).
+    """
     key = jax.random.key(cfg.seed)
     key, init_key = jax.random.split(key)
     graphdef, params = nnx.split(CNN(cfg.width, nnx.Rngs(init_key)))
@@ -212,16 +335,26 @@ def train(cfg: Config, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: n
     hyper["total_steps"] = cfg.epochs * (len(x) // cfg.batch_size)
     opt_state = make_optimizer(cfg.learning_rate, hyper["total_steps"]).init(params)
     x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
-    history = []
+    history, seconds = [], []
     for epoch in tqdm(range(cfg.epochs), desc="train", disable=None):
         key, sub = jax.random.split(key)
+        start = time.perf_counter()
         params, opt_state, loss = train_epoch(
             graphdef, params, opt_state, x_dev, y_dev, sub, **hyper
         )
+        loss = float(loss)  # waits for the epoch
+        seconds.append(time.perf_counter() - start)
+        if not math.isfinite(loss):  # checked once per epoch, on the host
+            raise FloatingPointError(
+                f"training diverged by step {(epoch + 1) * (len(x) // cfg.batch_size)} (epoch "
+                f"{epoch + 1}): mean loss is {loss}; try a smaller --learning-rate"
+            )
         val_acc = accuracy(nnx.merge(graphdef, params), x_val, y_val)
-        history.append((float(loss), val_acc))
-        print(f"epoch={epoch + 1} train_loss={float(loss):.4f} val_accuracy={val_acc:.4f}")
-    return nnx.merge(graphdef, params), history
+        history.append((loss, val_acc))
+        print(f"epoch={epoch + 1} train_loss={loss:.4f} val_accuracy={val_acc:.4f}")
+    timed = seconds[1:] or seconds
+    steps_per_second = len(timed) * (len(x) // cfg.batch_size) / sum(timed)
+    return nnx.merge(graphdef, params), history, steps_per_second
 
 
 @jax.jit
@@ -688,44 +821,31 @@ def render_report(m: dict, findings: list[str]) -> str:
 
 # %% ---------------------------------------------------------------- main
 def validate(cfg: Config) -> None:
-    positive = ["train_size", "val_size", "epochs", "batch_size", "width", "vis_steps"]
-    positive += ["num_saliency_digits", "ablate_k"]
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.train_size + cfg.val_size > 60_000:
-        raise ValueError(
-            f"train_size + val_size must be <= 60000, got {cfg.train_size + cfg.val_size}"
-        )
-    if cfg.batch_size > cfg.train_size:
-        raise ValueError(
-            f"batch_size must be <= train_size, got {cfg.batch_size} > {cfg.train_size}"
-        )
-    if not cfg.learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {cfg.learning_rate}")
-    if cfg.num_saliency_digits > 10_000:
-        raise ValueError(f"num_saliency_digits must be <= 10000, got {cfg.num_saliency_digits}")
-    if cfg.ablate_k >= 2 * cfg.width:
-        raise ValueError(f"ablate_k must be < 2 * width = {2 * cfg.width}, got {cfg.ablate_k}")
-    try:
-        pathlib.Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        probe = pathlib.Path(cfg.out_dir) / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"out_dir {cfg.out_dir!r} is not writable: {e}") from None
+    """Raise a one-line ValueError naming the option, before any data, model or compile work."""
+    check_number(cfg, "seed", 0, 2**32 - 1, high_open=True)  # the dream key uses seed + 1
+    # every digit must be in the validation split, for the channel selectivity (>= 1000: always)
+    check_number(cfg, "val_size", 1000, 59_999)
+    check_number(cfg, "train_size", 1, 60_000 - cfg.val_size)
+    check_number(cfg, "epochs", 1, 1000)
+    check_number(cfg, "batch_size", 1, cfg.train_size)
+    check_number(cfg, "learning_rate", 0, 1, low_open=True)
+    check_number(cfg, "width", 1, 256)
+    check_number(cfg, "vis_steps", 1, 100_000)
+    check_number(cfg, "num_saliency_digits", 1, 10_000)  # the test set's size
+    check_number(cfg, "ablate_k", 1, 2 * cfg.width - 1)  # conv2 has 2 * width channels
+    check_out_dir(cfg.out_dir)
 
 
 def main(cfg: Config) -> dict:
     validate(cfg)
     t0 = time.time()
-    out = pathlib.Path(cfg.out_dir)
     key = jax.random.key(cfg.seed + 1)  # the training key is derived from cfg.seed inside train
-    x_all, y_all, x_test, y_test = load_mnist()
+    mnist = load_mnist()
+    x_all, y_all, x_test, y_test = (mnist[k] for k in ("x_train", "y_train", "x_test", "y_test"))
     x_val, y_val = x_all[-cfg.val_size :], y_all[-cfg.val_size :]
     x_train, y_train = x_all[: cfg.train_size], y_all[: cfg.train_size]
 
-    model, history = train(cfg, x_train, y_train, x_val, y_val)
+    model, history, steps_per_second = train(cfg, x_train, y_train, x_val, y_val)
     test_feats = features_of(model, x_test)  # (N_test, 7, 7, 2w), reused by the ablations
     test_acc = float((np.asarray(model.head(test_feats)).argmax(1) == y_test).mean())
     print(f"test_accuracy={test_acc:.4f}")
@@ -785,9 +905,10 @@ def main(cfg: Config) -> dict:
     patch_has_ink = windows[:, ::2, ::2].max((-2, -1)) > 0.5  # (N, 12, 12), like occ
     grads = np.asarray(gradient_saliency(model, xs, ys))  # (N, 28, 28)
     background = np.asarray(xs[..., 0]) < 0.1
-    bg_share = float((grads * background).sum() / grads.sum())
-    ink_density = (grads * ~background).sum() / (~background).sum()
-    bg_density = (grads * background).sum() / background.sum()
+    # The floors keep the ratios finite (strict JSON) for a network whose saliency is all zero.
+    bg_share = float((grads * background).sum() / max(grads.sum(), 1e-30))
+    ink_density = (grads * ~background).sum() / max((~background).sum(), 1)
+    bg_density = (grads * background).sum() / max(background.sum(), 1)
 
     # Ablation: per-class test accuracy with each class's top-k selective channels zeroed.
     rng = np.random.default_rng(cfg.seed)
@@ -838,7 +959,7 @@ def main(cfg: Config) -> dict:
         "occlusion_flip_rate": float(flip.mean()),
         "saliency_background_share": bg_share,
         "background_area_share": float(background.mean()),
-        "saliency_ink_to_background": float(ink_density / bg_density),
+        "saliency_ink_to_background": float(ink_density / max(bg_density, 1e-30)),
         "ablate_k": cfg.ablate_k,
         "ablation_target_drop": float(np.diag(drops).mean()),
         "ablation_other_drop": float(drops[~np.eye(10, dtype=bool)].mean()),
@@ -854,38 +975,32 @@ def main(cfg: Config) -> dict:
     findings = report_findings(m)
     m["num_findings"] = len(findings)
     m["num_findings_target"] = 4
-    (out / "report.md").write_text(render_report(m, findings))
-
-    save_class_visualisations(
-        np.asarray(vis[..., 0]), conf, class_means, corr, out / "class_visualisations.png"
-    )
-    save_deep_dream(
-        np.asarray(originals[..., 0]),
-        np.asarray(layer_dreams[..., 0]),
-        np.asarray(channel_dreams[..., 0]),
-        y_test[idx],
-        chan_classes,
-        p_after,
-        out / "deep_dream.png",
-    )
-    save_first_layer(kernels, a1, tuning, osi, out / "first_layer_channels.png")
-    save_saliency(np.asarray(xs[..., 0]), occ, grads, np.asarray(ys), out / "saliency.png")
-    save_ablation(
-        base_acc,
-        np.diag(drops),
-        other_drop,
-        random_drop,
-        cfg.ablate_k,
-        out / "ablation.png",
-    )
-
-    m["wall_time_s"] = time.time() - t0
-    m = {k: (float(v) if isinstance(v, float | np.floating) else v) for k, v in m.items()}
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(m, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    m |= {"throughput": steps_per_second, "throughput_unit": "steps/s"}  # training, no compile
+    m |= {"preset": getattr(cfg, "preset", "cpu"), **device_info()}
+    with staged_run(cfg.out_dir) as out:
+        (out / "report.md").write_text(render_report(m, findings))
+        save_class_visualisations(
+            np.asarray(vis[..., 0]), conf, class_means, corr, out / "class_visualisations.png"
+        )
+        save_deep_dream(
+            np.asarray(originals[..., 0]),
+            np.asarray(layer_dreams[..., 0]),
+            np.asarray(channel_dreams[..., 0]),
+            y_test[idx],
+            chan_classes,
+            p_after,
+            out / "deep_dream.png",
+        )
+        save_first_layer(kernels, a1, tuning, osi, out / "first_layer_channels.png")
+        save_saliency(np.asarray(xs[..., 0]), occ, grads, np.asarray(ys), out / "saliency.png")
+        save_ablation(
+            base_acc, np.diag(drops), other_drop, random_drop, cfg.ablate_k, out / "ablation.png"
+        )
+        m["wall_time_s"] = time.time() - t0
+        m = {k: (float(v) if isinstance(v, float | np.floating) else v) for k, v in m.items()}
+        write_metrics(out, cfg, m)
     return m
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    run_cli()

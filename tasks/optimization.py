@@ -51,15 +51,23 @@ Expected at defaults (measured: 210 s of CPU time, compilation included; the bar
 2-core CPU): all four pairs are bit-identical along all 3,000 steps (gap exactly 0; bar 1e-5), so
 hand and optax test accuracies are equal: SGD 98.53%, momentum 98.71%, Nesterov 98.70%,
 Adam 98.71% (bar: Adam >= 98.5%). Outputs in runs/optimization/: metrics.json,
-loss_curves.png, param_gap.png, step_time.png.
+loss_curves.png, param_gap.png, step_time.png. metrics.json also records the device and the
+throughput: training steps per second of one twin, from the median step times.
 """
 
 # %%
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import pathlib
+import shlex
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,6 +86,150 @@ from flax import nnx
 from tqdm import tqdm
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
+LEARNING_RATE_OPTION = {
+    "sgd": "sgd_learning_rate",
+    "momentum": "momentum_learning_rate",
+    "nesterov": "momentum_learning_rate",
+    "adam": "adam_learning_rate",
+}
+
+
+# %% ---------------------------------------------------------------- helpers
+def data_root() -> pathlib.Path:
+    """The data and model cache: $TOY_EXAMPLES_DATA, else ~/.cache/toy_examples (`make data`)."""
+    return pathlib.Path(os.environ.get("TOY_EXAMPLES_DATA", "~/.cache/toy_examples")).expanduser()
+
+
+def option_error(name: str, value, allowed: str) -> ValueError:
+    """The one-line message for a bad option, spelled as on the command line."""
+    return ValueError(f"--{name.replace('_', '-')} {value}: {allowed}")
+
+
+def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """Raise unless cfg.<name> is finite and in the range (NaN and inf never are)."""
+    value, show = getattr(cfg, name), lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"
+    above = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above and (value < high if high_open else value <= high)):
+        parts = [] if low == -math.inf else [f"{'>' if low_open else '>='} {show(low)}"]
+        parts += [] if high == math.inf else [f"{'<' if high_open else '<='} {show(high)}"]
+        raise option_error(name, value, "must be a finite number " + " and ".join(parts))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
+    The run replaces it whole, so a folder holding anything else is refused."""
+    path = pathlib.Path(out_dir).resolve()
+    if path.exists() and not path.is_dir():
+        raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+        raise option_error(
+            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=path.parent).cleanup()
+    except OSError as err:
+        raise option_error("out_dir", out_dir, f"cannot be written ({err.strerror})") from None
+
+
+@contextlib.contextmanager
+def staged_run(out_dir: str):
+    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
+    or killed run leaves the previous results as they were, never a mix of two runs."""
+    final = pathlib.Path(out_dir).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if (final / "study").is_dir():  # a study's outputs (studies/) are not this run's to drop
+        os.replace(final / "study", stage / "study")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(stage, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
+    """config.json, then metrics.json last and atomically, as strict JSON (no NaN or Infinity)."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"metrics {bad} are not finite; the run diverged")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1, allow_nan=False))
+    os.replace(tmp, out / "metrics.json")
+
+
+def cli_config(args: list[str] | None = None) -> "Config":
+    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
+    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    if args is None:
+        in_kernel = "ipykernel" in sys.modules
+        args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
+    flags = [f"{a}={b}" if a == "--preset" else a for a, b in zip(args, args[1:] + [""])]
+    name = ([f.split("=", 1)[1] for f in flags if f.startswith("--preset=")] or ["cpu"])[-1]
+    return tyro.cli(Config, default=PRESETS.get(name, PRESETS["cpu"]), args=args)
+
+
+def run_cli() -> dict:
+    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
+    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    cfg = cli_config()
+    try:
+        validate(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        return main(cfg)
+    except (FloatingPointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def device_info() -> dict:
+    """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
+    devices = jax.devices()
+    return {
+        "device": f"{jax.default_backend()}:{devices[0].device_kind}",
+        "num_devices": len(devices),
+    }
+
+
+MNIST_SHA256 = {
+    "train-images.idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels.idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images.idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels.idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+
+def read_idx(path: pathlib.Path) -> np.ndarray:
+    """One IDX file, sha256 checked: 2 zero bytes, a type byte, ndim, big-endian dims, data."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `make data` (scripts/fetch_data.py)")
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != MNIST_SHA256[path.name]:
+        raise OSError(f"{path} is corrupt (wrong sha256): delete it and run `make data`")
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_mnist() -> dict[str, np.ndarray]:
+    """MNIST: x_train (60000, 28, 28) and x_test (10000, 28, 28) uint8, y_* int32 labels."""
+    folder = data_root() / "mnist"
+    x_train, y_train, x_test, y_test = (read_idx(folder / name) for name in MNIST_SHA256)
+    return {
+        "x_train": x_train,
+        "y_train": y_train.astype(np.int32),
+        "x_test": x_test,
+        "y_test": y_test.astype(np.int32),
+    }
 
 
 # %% ---------------------------------------------------------------- config
@@ -104,7 +256,10 @@ class Config:
     train_size: int = 0
     """Training images used after the split; 0 means all of them (55,000 at defaults)."""
     log_every: int = 250
-    """Steps between log lines (and tqdm updates)."""
+    """Steps between log lines (and tqdm updates), and between checks that the loss is finite."""
+
+
+PRESETS: dict[str, Config] = {"cpu": Config()}
 
 
 # %% ---------------------------------------------------------------- optimizers by hand
@@ -186,37 +341,6 @@ def make_optimizers(cfg: Config) -> dict[str, tuple[GradientTransformation, Any]
 
 
 # %% ---------------------------------------------------------------- data
-DATA_DIR = pathlib.Path(os.environ.get("TOY_EXAMPLES_DATA", "~/.cache/toy_examples")).expanduser()
-MNIST_SHA256 = {
-    "train-images.idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels.idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images.idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels.idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-}
-
-
-def read_idx(path: pathlib.Path) -> np.ndarray:
-    """An IDX file: 2 zero bytes, a type byte (0x08 = uint8), ndim, big-endian int32 dims, data."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; fetch MNIST with `make data`")
-    raw = path.read_bytes()
-    if hashlib.sha256(raw).hexdigest() != MNIST_SHA256[path.name]:
-        raise ValueError(f"{path} is corrupt (wrong sha256); delete it and run `make data`")
-    ndim = raw[3]
-    shape = np.frombuffer(raw, ">i4", count=ndim, offset=4)
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_mnist(data_dir: pathlib.Path = DATA_DIR / "mnist") -> dict[str, np.ndarray]:
-    """The 60,000 training and 10,000 test digits as uint8 (N, 28, 28) images and labels."""
-    return {
-        "x_train": read_idx(data_dir / "train-images.idx3-ubyte"),
-        "y_train": read_idx(data_dir / "train-labels.idx1-ubyte"),
-        "x_test": read_idx(data_dir / "t10k-images.idx3-ubyte"),
-        "y_test": read_idx(data_dir / "t10k-labels.idx1-ubyte"),
-    }
-
-
 def split_data(cfg: Config, mnist: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Hold out `val_size` random training images; optionally keep only `train_size` of the rest."""
     order = np.random.default_rng(cfg.seed).permutation(len(mnist["y_train"]))
@@ -324,6 +448,13 @@ def train_pair(cfg: Config, name: str, txs, graphdef, params0, data, indices) ->
                 losses[k].append(float(loss))  # waits for the step: honest timing
                 seconds[k].append(time.perf_counter() - start)
             gaps.append(float(gap_fn(params[0], params[1])))
+        for impl, loss in zip(("hand", "optax"), (losses[0][-1], losses[1][-1])):
+            if not math.isfinite(loss):
+                option = LEARNING_RATE_OPTION[name].replace("_", "-")
+                raise FloatingPointError(
+                    f"training diverged at step {b} ({name}, {impl}): loss is {loss}; "
+                    f"try a smaller --{option}"
+                )
         print(f"opt={name} step={b} loss_hand={losses[0][-1]:.4f} "
               f"loss_optax={losses[1][-1]:.4f} max_gap={max(gaps):.3g}")  # fmt: skip
     return {
@@ -415,34 +546,23 @@ def plot_step_time(metrics: dict, path: pathlib.Path) -> None:
 
 # %% ---------------------------------------------------------------- main
 def validate(cfg: Config) -> None:
-    for field in ("num_steps", "batch_size", "val_size", "log_every"):
-        if getattr(cfg, field) <= 0:
-            raise ValueError(f"{field} must be a positive integer, got {getattr(cfg, field)}")
-    if cfg.train_size < 0 or cfg.val_size + cfg.train_size > 60_000:
-        raise ValueError(f"need 0 <= train_size and val_size + train_size <= 60000, got {cfg}")
-    if cfg.val_size >= 60_000:
-        raise ValueError(f"val_size must be below 60000, got {cfg.val_size}")
+    """Raise a one-line ValueError naming the option, before any data, model or compile work."""
+    check_number(cfg, "seed", 0, 2**32 - 1, high_open=True)  # batch order uses seed + 1
+    check_number(cfg, "num_steps", 1, 10**7)
+    check_number(cfg, "val_size", 1, 59_999)
+    check_number(cfg, "train_size", 0, 60_000 - cfg.val_size)  # 0 = all after the split
     num_train = cfg.train_size or 60_000 - cfg.val_size
-    if cfg.batch_size > num_train:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {num_train} training images")
-    for field in ("sgd_learning_rate", "momentum_learning_rate", "adam_learning_rate"):
-        if not getattr(cfg, field) > 0:
-            raise ValueError(f"{field} must be positive, got {getattr(cfg, field)}")
-    if not 0 <= cfg.momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {cfg.momentum}")
-    try:
-        out = pathlib.Path(cfg.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write_probe").write_text("ok")
-        (out / ".write_probe").unlink()
-    except OSError as err:
-        raise ValueError(f"out_dir {cfg.out_dir!r} is not writable: {err}") from None
+    check_number(cfg, "batch_size", 1, num_train)  # a batch is at most one epoch
+    for name in dict.fromkeys(LEARNING_RATE_OPTION.values()):
+        check_number(cfg, name, 0, 1, low_open=True)
+    check_number(cfg, "momentum", 0, 1, high_open=True)
+    check_number(cfg, "log_every", 1, 10**7)
+    check_out_dir(cfg.out_dir)
 
 
 def main(cfg: Config) -> dict:
     validate(cfg)
     start = time.perf_counter()
-    out = pathlib.Path(cfg.out_dir)
     data = split_data(cfg, load_mnist())
     indices = batch_indices(cfg, len(data["y_train"]))
     graphdef, params0 = init_model(cfg.seed)
@@ -467,23 +587,28 @@ def main(cfg: Config) -> dict:
             metrics[f"step_ms_{name}_{impl}"] = res[f"step_ms_{impl}"]
         results[name] = res
 
-    plot_loss_curves(results, cfg, out / "loss_curves.png")
-    plot_param_gap(results, out / "param_gap.png")
-    plot_step_time(metrics, out / "step_time.png")
-
     metrics["max_rel_param_diff_target"] = 1e-5
     metrics["test_accuracy_adam_target"] = 0.985
     metrics["accuracy_gap_target"] = 0.001
+    # steady-state rate of one twin's training loop, from the median step times (no compile)
+    step_ms = [metrics[f"step_ms_{o}_{impl}"] for o in OPTIMIZERS for impl in ("hand", "optax")]
+    metrics["throughput"] = 1000 / float(np.mean(step_ms))
     metrics["wall_time_s"] = time.perf_counter() - start
     metrics = {k: v if isinstance(v, str) else float(v) for k, v in metrics.items()}
     metrics["seed"], metrics["num_steps"] = cfg.seed, cfg.num_steps
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "metrics.json")  # written last and atomically
-    headline = ("test_acc", "max_rel", "wall")
-    print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(headline)))
+    metrics["throughput_unit"] = "steps/s"
+    metrics["preset"] = getattr(cfg, "preset", "cpu")
+    metrics.update(device_info())
+    with staged_run(cfg.out_dir) as out:
+        plot_loss_curves(results, cfg, out / "loss_curves.png")
+        plot_param_gap(results, out / "param_gap.png")
+        plot_step_time(metrics, out / "step_time.png")
+        write_metrics(out, cfg, metrics)  # written last and atomically
+    headline = ("test_acc", "max_rel", "throughput", "wall")
+    numbers = {k: v for k, v in metrics.items() if not isinstance(v, str)}
+    print(" ".join(f"{k}={v:.4g}" for k, v in numbers.items() if k.startswith(headline)))
     return metrics
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    run_cli()

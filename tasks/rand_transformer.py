@@ -33,13 +33,22 @@ error 0.00013), chi2_p = 0.54, 0.83, 0.96, 0.23, 0.23, serial_p = 0.86, 0.95, 0.
 tv_uniform 0.034-0.043 beside tv_numpy 0.036-0.044. About 50-60 s of CPU time (user + sys) on a
 shared 2-core machine. With --no-causal (in a 300-step run) the held-out NLL falls to 0.34 nats,
 about 470 standard errors below the floor, and the run stops with the leakage error.
+Outputs in runs/rand_transformer/: metrics.json (with the device and the training throughput in
+steps/s, compilation excluded), config.json, samples.npy, histogram.png, nll.png, next_token.png.
 """
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
+import pathlib
+import shlex
+import shutil
+import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +65,108 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 NUM_VALUES = 101  # the integers 0..100 inclusive
 BOS = NUM_VALUES  # token 101 starts each sequence
+HELDOUT_SEQS = 1024  # held-out sequences for the NLL and its standard error
+
+
+# %% ---------------------------------------------------------------- helpers
+def option_error(name: str, value, allowed: str) -> ValueError:
+    """The one-line message for a bad option, spelled as on the command line."""
+    return ValueError(f"--{name.replace('_', '-')} {value}: {allowed}")
+
+
+def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """Raise unless cfg.<name> is finite and in the range (NaN and inf never are)."""
+    value, show = getattr(cfg, name), lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"
+    above = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above and (value < high if high_open else value <= high)):
+        parts = [] if low == -math.inf else [f"{'>' if low_open else '>='} {show(low)}"]
+        parts += [] if high == math.inf else [f"{'<' if high_open else '<='} {show(high)}"]
+        raise option_error(name, value, "must be a finite number " + " and ".join(parts))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
+    The run replaces it whole, so a folder holding anything else is refused."""
+    path = pathlib.Path(out_dir).resolve()
+    if path.exists() and not path.is_dir():
+        raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+        raise option_error(
+            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=path.parent).cleanup()
+    except OSError as err:
+        raise option_error("out_dir", out_dir, f"cannot be written ({err.strerror})") from None
+
+
+@contextlib.contextmanager
+def staged_run(out_dir: str):
+    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
+    or killed run leaves the previous results as they were, never a mix of two runs."""
+    final = pathlib.Path(out_dir).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if (final / "study").is_dir():  # a study's outputs (studies/) are not this run's to drop
+        os.replace(final / "study", stage / "study")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(stage, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
+    """config.json, then metrics.json last and atomically, as strict JSON (no NaN or Infinity)."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"metrics {bad} are not finite; the run diverged")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1, allow_nan=False))
+    os.replace(tmp, out / "metrics.json")
+
+
+def cli_config(args: list[str] | None = None) -> "Config":
+    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
+    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    if args is None:
+        in_kernel = "ipykernel" in sys.modules
+        args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
+    flags = [f"{a}={b}" if a == "--preset" else a for a, b in zip(args, args[1:] + [""])]
+    name = ([f.split("=", 1)[1] for f in flags if f.startswith("--preset=")] or ["cpu"])[-1]
+    return tyro.cli(Config, default=PRESETS.get(name, PRESETS["cpu"]), args=args)
+
+
+def run_cli() -> dict:
+    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
+    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    cfg = cli_config()
+    try:
+        validate(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        return main(cfg)
+    except (FloatingPointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def device_info() -> dict:
+    """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
+    devices = jax.devices()
+    return {
+        "device": f"{jax.default_backend()}:{devices[0].device_kind}",
+        "num_devices": len(devices),
+    }
 
 
 # %% ---------------------------------------------------------------- config
@@ -85,6 +196,9 @@ class Config:
     """random seed for data, initialisation, sampling and numpy's reference draws."""
     out_dir: str = "runs/rand_transformer"
     """where figures, samples.npy and metrics.json are written."""
+
+
+PRESETS: dict[str, Config] = {"cpu": Config()}
 
 
 # %% ---------------------------------------------------------------- data
@@ -169,13 +283,27 @@ def train(cfg: Config, key: jax.Array, heldout: jax.Array):
     chunk = max(1, cfg.steps // 15)
     keys = jax.random.split(key_data, cfg.steps)
     curve = []  # (step, train loss of the chunk, held-out NLL)
+    t_start = t_compiled = time.perf_counter()
     for start in tqdm(range(0, cfg.steps, chunk), disable=None, desc="train"):
         params, opt_state, losses, heldout_nll = run_chunk(
             params, opt_state, keys[start : start + chunk]
         )
+        losses = np.asarray(losses)  # waits for the chunk: the timing is honest
+        if not np.isfinite(losses).all():
+            bad = int(np.argmin(np.isfinite(losses)))
+            raise FloatingPointError(
+                f"training diverged at step {start + bad + 1}: loss is {losses[bad]}; "
+                "try a smaller --learning-rate"
+            )
         curve.append((start + len(losses), float(losses.mean()), float(heldout_nll)))
         print(f"step={curve[-1][0]} train_nll={curve[-1][1]:.5f} heldout_nll={curve[-1][2]:.5f}")
-    return nnx.merge(graphdef, params), np.array(curve)
+        if start == 0:  # the first chunk includes compilation
+            t_compiled, first = time.perf_counter(), len(losses)
+    # steps/s after compilation; a run of a single chunk can only be timed with it
+    t_end = time.perf_counter()
+    timed = cfg.steps - first
+    steps_per_s = timed / (t_end - t_compiled) if timed else first / (t_end - t_start)
+    return nnx.merge(graphdef, params), np.array(curve), steps_per_s
 
 
 # %% ---------------------------------------------------------------- sampling and evaluation
@@ -212,12 +340,19 @@ def distribution_tests(seqs: np.ndarray, num_samples: int, rng: np.random.Genera
     counts = np.bincount(values, minlength=NUM_VALUES)
     # serial test on consecutive numbers within each generated sequence (the model's own context)
     prev, nxt = seqs[:, :-1].reshape(-1), seqs[:, 1:].reshape(-1)
-    serial = stats.pearsonr(prev, nxt)
+    if np.ptp(prev) == 0 or np.ptp(nxt) == 0:
+        # A constant stream (e.g. at a temperature near 0) has no Pearson correlation (NaN, which
+        # metrics.json cannot hold). It is not random, so record it as failing the test: r = 0,
+        # p = 0.
+        serial_corr, serial_p = 0.0, 0.0
+    else:
+        serial = stats.pearsonr(prev, nxt)
+        serial_corr, serial_p = float(serial.statistic), float(serial.pvalue)
     numpy_draws = rng.integers(0, NUM_VALUES, num_samples)
     return {
         "chi2_p": float(stats.chisquare(counts).pvalue),  # expected: n / 101 in each cell
-        "serial_corr": float(serial.statistic),
-        "serial_p": float(serial.pvalue),
+        "serial_corr": serial_corr,
+        "serial_p": serial_p,
         "tv_uniform": tv_to_uniform(values),
         "tv_numpy": tv_to_uniform(numpy_draws),
         "numpy_chi2_p": float(
@@ -229,7 +364,7 @@ def distribution_tests(seqs: np.ndarray, num_samples: int, rng: np.random.Genera
 
 
 # %% ---------------------------------------------------------------- figures
-def plot_histogram(values: np.ndarray, numpy_draws: np.ndarray, path: str) -> None:
+def plot_histogram(values: np.ndarray, numpy_draws: np.ndarray, path: pathlib.Path) -> None:
     """Counts per value against the expected n/101, with the 95% binomial band."""
     n = len(values)
     expected = n / NUM_VALUES
@@ -254,7 +389,7 @@ def plot_histogram(values: np.ndarray, numpy_draws: np.ndarray, path: str) -> No
     plt.close(fig)
 
 
-def plot_nll(curve: np.ndarray, floor: float, path: str) -> None:
+def plot_nll(curve: np.ndarray, floor: float, path: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(curve[:, 0], curve[:, 1] - floor, "o-", ms=3, label="train batches (chunk mean)")
     ax.plot(curve[:, 0], curve[:, 2] - floor, "s-", ms=3, label="held-out")
@@ -268,7 +403,7 @@ def plot_nll(curve: np.ndarray, floor: float, path: str) -> None:
     plt.close(fig)
 
 
-def plot_next_token(model: Transformer, cfg: Config, path: str) -> None:
+def plot_next_token(model: Transformer, cfg: Config, path: pathlib.Path) -> None:
     """The model's next-number distribution after a few contexts: each should be flat."""
     contexts = {"BOS": [], "BOS 0": [0], "BOS 100 100 100": [100, 100, 100],
                 "BOS 1 2 3 4 5": [1, 2, 3, 4, 5], "BOS 7 x 20": [7] * 20}  # fmt: skip
@@ -290,25 +425,18 @@ def plot_next_token(model: Transformer, cfg: Config, path: str) -> None:
 
 # %% ---------------------------------------------------------------- main
 def validate(cfg: Config) -> None:
+    """Fail fast, before any work, with one line that says what is wrong and what is allowed."""
+    check_number(cfg, "seed", 0, 2**32, high_open=True)  # numpy's seeds are 0 .. 2**32 - 1
     for name in ["context_len", "d_model", "num_heads", "num_layers", "steps", "batch_size"]:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.num_samples < 2 * cfg.context_len:
-        raise ValueError(f"num_samples must be >= 2 * context_len, got {cfg.num_samples}")
+        check_number(cfg, name, 1)
+    check_number(cfg, "learning_rate", 0, 1, low_open=True)
+    check_number(cfg, "temperature", 0, low_open=True)
+    check_number(cfg, "num_samples", 2 * cfg.context_len)  # at least two sequences' worth
     if cfg.d_model % cfg.num_heads:
-        raise ValueError(
-            f"d_model ({cfg.d_model}) must be divisible by num_heads ({cfg.num_heads})"
+        raise option_error(
+            "num_heads", cfg.num_heads, f"must divide --d-model ({cfg.d_model}) into equal heads"
         )
-    if not cfg.learning_rate > 0 or not cfg.temperature > 0:
-        raise ValueError(f"learning_rate and temperature must be > 0, got {cfg.learning_rate}, "
-                         f"{cfg.temperature}")  # fmt: skip
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        probe = os.path.join(cfg.out_dir, ".write_probe")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"out_dir {cfg.out_dir!r} is not writable: {err}") from None
+    check_out_dir(cfg.out_dir)
 
 
 def main(cfg: Config) -> dict:
@@ -316,15 +444,17 @@ def main(cfg: Config) -> dict:
     validate(cfg)
     key_heldout, key_train, key_sample = jax.random.split(jax.random.key(cfg.seed), 3)
     floor = math.log(NUM_VALUES)
-    heldout = make_batch(key_heldout, 1024, cfg.context_len)
+    heldout = make_batch(key_heldout, HELDOUT_SEQS, cfg.context_len)
 
-    model, curve = train(cfg, key_train, heldout)
+    model, curve, steps_per_s = train(cfg, key_train, heldout)
 
     # held-out NLL and its standard error over the 1024 * context_len numbers
     nll_tokens = np.asarray(token_nll(model, heldout), dtype=np.float64).reshape(-1)
     nll = float(nll_tokens.mean())
     nll_se = float(nll_tokens.std(ddof=1) / math.sqrt(nll_tokens.size))
     print(f"nll={nll:.6f} floor={floor:.6f} se={nll_se:.2e}")
+    if not math.isfinite(nll):
+        raise FloatingPointError(f"held-out NLL is {nll}; try a smaller --learning-rate")
     if nll < floor - 3 * nll_se - 1e-5:  # 1e-5: float32 rounding of a log-softmax
         raise RuntimeError(
             f"leakage: held-out NLL {nll:.4f} is below the entropy floor ln(101) = {floor:.4f} by "
@@ -335,36 +465,33 @@ def main(cfg: Config) -> dict:
     num_seqs = -(-cfg.num_samples // cfg.context_len)  # ceil
     seqs = np.asarray(sample(model, key_sample, num_seqs, cfg))
     tests = distribution_tests(seqs, cfg.num_samples, np.random.default_rng(cfg.seed))
-    np.save(os.path.join(cfg.out_dir, "samples.npy"), tests["values"].astype(np.int64))
     print(" ".join(f"{k}={v:.4g}" for k, v in tests.items() if not isinstance(v, np.ndarray)))
 
-    plot_histogram(
-        tests["values"], tests["numpy_draws"], os.path.join(cfg.out_dir, "histogram.png")
-    )
-    plot_nll(curve, floor, os.path.join(cfg.out_dir, "nll.png"))
-    plot_next_token(model, cfg, os.path.join(cfg.out_dir, "next_token.png"))
-
-    metrics = {
-        "task": "rand_transformer",
-        "seed": cfg.seed,
-        "nll": nll,
-        "nll_floor": floor,
-        "nll_se": nll_se,
-        "nll_tolerance": 0.01,
-        **{k: v for k, v in tests.items() if not isinstance(v, np.ndarray)},
-        "p_value_target": 0.01,
-        "num_samples": int(len(tests["values"])),
-        "temperature": cfg.temperature,
-        "wall_time_s": time.perf_counter() - t0,
-    }
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
-    tmp = os.path.join(cfg.out_dir, "metrics.json.tmp")  # metrics.json last and atomically
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(tmp, os.path.join(cfg.out_dir, "metrics.json"))
+    with staged_run(cfg.out_dir) as out:  # out_dir is replaced whole, only if all of this works
+        np.save(out / "samples.npy", tests["values"].astype(np.int64))
+        plot_histogram(tests["values"], tests["numpy_draws"], out / "histogram.png")
+        plot_nll(curve, floor, out / "nll.png")
+        plot_next_token(model, cfg, out / "next_token.png")
+        metrics = {
+            "task": "rand_transformer",
+            "seed": cfg.seed,
+            "preset": getattr(cfg, "preset", "cpu"),
+            "nll": nll,
+            "nll_floor": floor,
+            "nll_se": nll_se,
+            "nll_tolerance": 0.01,
+            **{k: v for k, v in tests.items() if not isinstance(v, np.ndarray)},
+            "p_value_target": 0.01,
+            "num_samples": int(len(tests["values"])),
+            "temperature": cfg.temperature,
+            **device_info(),
+            "throughput": float(steps_per_s),
+            "throughput_unit": "steps/s",
+            "wall_time_s": time.perf_counter() - t0,
+        }
+        write_metrics(out, cfg, metrics)  # config.json, then metrics.json last
     return metrics
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    run_cli()

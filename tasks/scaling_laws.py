@@ -35,16 +35,22 @@ batch 128 for a 3x3 version of this net), and `vmap`ping same-shaped runs togeth
 grouped convolution, slower still. So both convs are 2x2 with stride 2 ("patchify" convs, as in
 ViT's patch embedding): such a conv is exactly a space-to-depth reshape followed by a matmul, which
 XLA hands to its multithreaded GEMM, and it cost about 3 ms of CPU a step, 3x less than 3x3 convs
-written as im2col + matmul. We also measured `vmap` over runs for the matmul version: 3x SLOWER per
-example than running the runs one after another (batched GEMMs are poorly served on CPU). So each
-run is one jitted `lax.scan` over its steps, compiled once per width and reused for every data size
-and seed.
+written as im2col + matmul. Each run is one jitted `lax.scan` over its steps, compiled once per
+width and reused for every data size and seed. The runs of one width can also be trained together,
+`vmap`ped over a run axis that `shard_seeds` splits over all devices (the data size is traced, so
+runs on different data sizes share one program). On an accelerator that is the default: a tiny CNN
+leaves a GPU mostly idle, and batching runs fills it. On CPU the runs go one after another: vmapping
+2 to 8 runs of this patch-conv net measured 0.83x to 1.3x the CPU time of running them in turn (the
+widest model, which dominates the sweep, at 1.08x to 1.3x), and the batched program kept fewer of
+the 2 cores busy, so batching saves nothing there. An earlier im2col version measured 3x slower
+batched. `run_sweeps(..., batched=True)` forces the batched path (the tests compare the two).
 
 The fits use scipy's curve_fit in log space: we minimise the squared error of log L, since the
 losses span an order of magnitude and the plots are log-log, and report R^2 of log L.
 
     python tasks/scaling_laws.py
     python tasks/scaling_laws.py --help
+    python tasks/scaling_laws.py --preset paper      # 256x in N, 256x in D, 4 seeds: for a GPU
 
 Expected at defaults (46 runs of 800 steps; on an idle 2-core CPU 95 s of wall time and 164 s of CPU
 time, user + sys, of which ~20 s is compiling the 5 widths): model_alpha ~ 0.43 (R^2 ~ 0.975, E
@@ -55,20 +61,37 @@ fits: the model curve bends flat at the narrow end (1 to 2 channels: the linear 
 the work there), and the data curve flattens at the top, where the 800-step budget, not data, is the
 limit.
 Outputs in runs/scaling_laws/: metrics.json, runs.json (every run), scaling.png, joint.png,
-curves.png (validation loss against step, the early-stopping points starred).
+curves.png (validation loss against step, the early-stopping points starred). metrics.json also
+records the device, the preset and the training throughput (optimizer steps per second, summed over
+runs, compilation included).
 
-Differences from the papers: a tiny CNN and data set, so N spans ~20x and D 64x, not 7 orders of
-magnitude; a fixed step budget rather than compute-optimal training; 2 seeds a point.
+The `paper` preset widens the sweep towards the papers' ranges: 8 widths, c = 128 down to 1 (1,005
+to 257,418 parameters, 256x), 9 data sizes from all 55,000 images down to 214 (256x), 4 seeds a
+point and 4,000 steps a run (176 runs). It is meant for an accelerator and has not been run to the
+end here (2-core CPU); the tests validate it and smoke-run it with tiny overrides.
+
+Differences from the papers: a tiny CNN and data set, so N spans ~20x and D 64x at defaults (256x
+each with `--preset paper`), not 7 orders of magnitude; a fixed step budget rather than
+compute-optimal training; 2 seeds a point.
 """
 
 # %%
+import contextlib
+import dataclasses
+import functools
 import hashlib
 import json
+import math
 import os
 import pathlib
+import shlex
+import shutil
+import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -83,13 +106,6 @@ from flax import nnx
 from scipy.optimize import OptimizeWarning, curve_fit
 from tqdm import tqdm
 
-DATA_DIR = pathlib.Path(os.environ.get("TOY_EXAMPLES_DATA", "~/.cache/toy_examples")).expanduser()
-MNIST_SHA256 = {
-    "train-images.idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels.idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images.idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels.idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-}
 NUM_TRAIN_FULL = 60_000
 
 
@@ -120,38 +136,181 @@ class Config:
     """Training images held out as the validation set (the y-axis)."""
     joint_grid: bool = True
     """Also train the narrower models on every other data size, for the joint L(N, D) fit."""
+    preset: Literal["cpu", "paper"] = "cpu"
+    """Named defaults: `cpu` is the 2-core run above (N over ~18x, D over 64x, 2 seeds, 800 steps);
+    `paper` widens the sweep for an accelerator: 8 widths (c = 128 down to 1, N over 256x), 9 data
+    sizes (55,000 down to 214 images), 4 seeds, 4,000 steps a run. Flags given on the command line
+    override the preset's values."""
 
 
-# %% ---------------------------------------------------------------- data
+PRESETS: dict[str, Config] = {
+    "cpu": Config(),
+    "paper": Config(
+        preset="paper",
+        num_widths=8,
+        base_channels=128,
+        num_data_sizes=9,
+        steps=4000,
+        eval_every=200,
+        num_seeds=4,
+    ),
+}
+
+
+# %% ---------------------------------------------------------------- helpers
+def data_root() -> pathlib.Path:
+    """The data and model cache: $TOY_EXAMPLES_DATA, else ~/.cache/toy_examples (`make data`)."""
+    return pathlib.Path(os.environ.get("TOY_EXAMPLES_DATA", "~/.cache/toy_examples")).expanduser()
+
+
+def option_error(name: str, value, allowed: str) -> ValueError:
+    """The one-line message for a bad option, spelled as on the command line."""
+    return ValueError(f"--{name.replace('_', '-')} {value}: {allowed}")
+
+
+def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """Raise unless cfg.<name> is finite and in the range (NaN and inf never are)."""
+    value, show = getattr(cfg, name), lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"
+    above = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above and (value < high if high_open else value <= high)):
+        parts = [] if low == -math.inf else [f"{'>' if low_open else '>='} {show(low)}"]
+        parts += [] if high == math.inf else [f"{'<' if high_open else '<='} {show(high)}"]
+        raise option_error(name, value, "must be a finite number " + " and ".join(parts))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
+    The run replaces it whole, so a folder holding anything else is refused."""
+    path = pathlib.Path(out_dir).resolve()
+    if path.exists() and not path.is_dir():
+        raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+        raise option_error(
+            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=path.parent).cleanup()
+    except OSError as err:
+        raise option_error("out_dir", out_dir, f"cannot be written ({err.strerror})") from None
+
+
+@contextlib.contextmanager
+def staged_run(out_dir: str):
+    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
+    or killed run leaves the previous results as they were, never a mix of two runs."""
+    final = pathlib.Path(out_dir).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if (final / "study").is_dir():  # a study's outputs (studies/) are not this run's to drop
+        os.replace(final / "study", stage / "study")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(stage, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
+    """config.json, then metrics.json last and atomically, as strict JSON (no NaN or Infinity)."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"metrics {bad} are not finite; the run diverged")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1, allow_nan=False))
+    os.replace(tmp, out / "metrics.json")
+
+
+def cli_config(args: list[str] | None = None) -> "Config":
+    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
+    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    if args is None:
+        in_kernel = "ipykernel" in sys.modules
+        args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
+    flags = [f"{a}={b}" if a == "--preset" else a for a, b in zip(args, args[1:] + [""])]
+    name = ([f.split("=", 1)[1] for f in flags if f.startswith("--preset=")] or ["cpu"])[-1]
+    return tyro.cli(Config, default=PRESETS.get(name, PRESETS["cpu"]), args=args)
+
+
+def run_cli() -> dict:
+    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
+    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    cfg = cli_config()
+    try:
+        validate(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        return main(cfg)
+    except (FloatingPointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def device_info() -> dict:
+    """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
+    devices = jax.devices()
+    return {
+        "device": f"{jax.default_backend()}:{devices[0].device_kind}",
+        "num_devices": len(devices),
+    }
+
+
+def shard_seeds(tree):
+    """Split the leading (seed) axis of every array in `tree` over all local devices, with a 1-D
+    Mesh and a NamedSharding: jit then runs each device's seeds on that device, so 8 accelerators
+    train 8x the seeds in about the same time. A seed count that the device count does not divide
+    is padded by repeating the last seed; keep the first num_seeds rows of every result."""
+    devices = jax.devices()
+    pad = -jax.tree.leaves(tree)[0].shape[0] % len(devices)
+    if pad:
+        tree = jax.tree.map(lambda x: jnp.concatenate([x] + [x[-1:]] * pad), tree)
+    mesh = jax.sharding.Mesh(np.array(devices), ("seed",))
+    return jax.device_put(
+        tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
+    )
+
+
+MNIST_SHA256 = {
+    "train-images.idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels.idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images.idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels.idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+
 def read_idx(path: pathlib.Path) -> np.ndarray:
-    """Read an IDX file: 2 zero bytes, a type byte (8 = uint8), ndim, then big-endian dims."""
+    """One IDX file, sha256 checked: 2 zero bytes, a type byte, ndim, big-endian dims, data."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `make data` (scripts/fetch_data.py)")
     raw = path.read_bytes()
-    if raw[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path} is not a uint8 IDX file; re-fetch it with `make data`")
+    if hashlib.sha256(raw).hexdigest() != MNIST_SHA256[path.name]:
+        raise OSError(f"{path} is corrupt (wrong sha256): delete it and run `make data`")
     ndim = raw[3]
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def load_mnist() -> dict[str, np.ndarray]:
-    """The four MNIST files from the cache, checksums verified: uint8 images (N, 28, 28), labels."""
-    folder = DATA_DIR / "mnist"
-    arrays = {}
-    for name, digest in MNIST_SHA256.items():
-        path = folder / name
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing; fetch MNIST with `make data`")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            raise ValueError(f"{path} is corrupt (wrong sha256); re-fetch it with `make data`")
-        arrays[name] = read_idx(path)
+    """MNIST: x_train (60000, 28, 28) and x_test (10000, 28, 28) uint8, y_* int32 labels."""
+    folder = data_root() / "mnist"
+    x_train, y_train, x_test, y_test = (read_idx(folder / name) for name in MNIST_SHA256)
     return {
-        "train_x": arrays["train-images.idx3-ubyte"],
-        "train_y": arrays["train-labels.idx1-ubyte"],
-        "test_x": arrays["t10k-images.idx3-ubyte"],
-        "test_y": arrays["t10k-labels.idx1-ubyte"],
+        "x_train": x_train,
+        "y_train": y_train.astype(np.int32),
+        "x_test": x_test,
+        "y_test": y_test.astype(np.int32),
     }
 
 
+# %% ---------------------------------------------------------------- data
 def load_splits(cfg: Config) -> dict[str, jax.Array]:
     """Train / validation / test arrays on the device. The validation split is a fixed random
     `val_size` of the 60,000 training images (seed-independent: every run is scored on the same
@@ -160,12 +319,12 @@ def load_splits(cfg: Config) -> dict[str, jax.Array]:
     order = np.random.default_rng(12345).permutation(NUM_TRAIN_FULL)
     val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
     return {
-        "train_x": jnp.asarray(mnist["train_x"][train_idx]),
-        "train_y": jnp.asarray(mnist["train_y"][train_idx].astype(np.int32)),
-        "val_x": jnp.asarray(mnist["train_x"][val_idx]),
-        "val_y": jnp.asarray(mnist["train_y"][val_idx].astype(np.int32)),
-        "test_x": jnp.asarray(mnist["test_x"]),
-        "test_y": jnp.asarray(mnist["test_y"].astype(np.int32)),
+        "train_x": jnp.asarray(mnist["x_train"][train_idx]),
+        "train_y": jnp.asarray(mnist["y_train"][train_idx]),
+        "val_x": jnp.asarray(mnist["x_train"][val_idx]),
+        "val_y": jnp.asarray(mnist["y_train"][val_idx]),
+        "test_x": jnp.asarray(mnist["x_test"]),
+        "test_y": jnp.asarray(mnist["y_test"]),
     }
 
 
@@ -217,17 +376,26 @@ def param_count(channels: int) -> int:
 
 
 # %% ---------------------------------------------------------------- training
-def make_train(cfg: Config, channels: int):
+@functools.cache  # a second sweep in the same process (tests, a notebook) reuses the programs
+def make_train(
+    steps: int,
+    eval_every: int,
+    batch_size: int,
+    learning_rate: float,
+    channels: int,
+    batched: bool = False,
+):
     """A jitted train(params, key, n_train, perm, data) for one width; reused for every run.
 
     n_train is traced, so one compilation serves all data sizes: each step draws batch indices
     uniformly from [0, n_train) and maps them through the run's permutation `perm` of the
     training split, so the subset for n_train is perm[:n_train] (nested across data sizes).
+    batched=True vmaps it over a leading run axis of params, key, n_train and perm (data shared).
     """
     graphdef, _ = nnx.split(CNN(channels, nnx.Rngs(0)))
-    schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps)
+    schedule = optax.cosine_decay_schedule(learning_rate, steps)
     optimizer = optax.adam(schedule)
-    num_evals = cfg.steps // cfg.eval_every
+    num_evals = steps // eval_every
 
     def loss_fn(params, x, y):
         logits = nnx.merge(graphdef, params)(x)
@@ -250,7 +418,7 @@ def make_train(cfg: Config, channels: int):
 
         def step(carry, step_key):
             params, opt_state = carry
-            idx = perm[jax.random.randint(step_key, (cfg.batch_size,), 0, n_train)]
+            idx = perm[jax.random.randint(step_key, (batch_size,), 0, n_train)]
             x, y = to_input(data["train_x"][idx]), data["train_y"][idx]
             (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
             updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -259,7 +427,7 @@ def make_train(cfg: Config, channels: int):
         def chunk(carry, chunk_key):
             params, opt_state, best = carry
             (params, opt_state), losses = jax.lax.scan(
-                step, (params, opt_state), jax.random.split(chunk_key, cfg.eval_every)
+                step, (params, opt_state), jax.random.split(chunk_key, eval_every)
             )
             val_loss, val_acc = evaluate(params, data["val_x"], data["val_y"])
             # Early stopping: keep the parameters with the lowest validation loss so far.
@@ -278,45 +446,78 @@ def make_train(cfg: Config, channels: int):
         test_loss, test_acc = evaluate(best["params"], data["test_x"], data["test_y"])
         return best["val_loss"], best["val_acc"], test_loss, test_acc, history
 
-    return jax.jit(train)
+    return jax.jit(jax.vmap(train, in_axes=(0, 0, 0, 0, None)) if batched else train)
 
 
-def run_sweeps(cfg: Config, data: dict, runs: list[tuple[int, int]]) -> list[dict]:
-    """Train every (channels, n_train) run for every seed; one compilation per width."""
-    num_train = data["train_x"].shape[0]
-    results, trainers = [], {}
-    for channels, n_train in tqdm(runs, desc="runs", disable=None):
-        if channels not in trainers:
-            trainers[channels] = make_train(cfg, channels)
-        for s in range(cfg.num_seeds):
-            # Same seed -> same init key, subset order and batch keys at every point (paired).
-            init_key, perm_key, batch_key = jax.random.split(jax.random.key(cfg.seed + s), 3)
-            params = nnx.state(CNN(channels, nnx.Rngs(init_key)), nnx.Param)
-            perm = jax.random.permutation(perm_key, num_train)
-            out = trainers[channels](params, batch_key, n_train, perm, data)
-            val_loss, val_acc, test_loss, test_acc, (train_l, val_l, val_a) = jax.device_get(out)
-            results.append(
-                {
-                    "channels": channels,
-                    "params": param_count(channels),
-                    "n_train": n_train,
-                    "seed": cfg.seed + s,
-                    "val_loss": float(val_loss),
-                    "val_acc": float(val_acc),
-                    "test_loss": float(test_loss),
-                    "test_acc": float(test_acc),
-                    "best_step": int((np.argmin(val_l) + 1) * cfg.eval_every),
-                    "val_loss_curve": [float(v) for v in val_l],
-                    "train_loss_curve": [float(v) for v in train_l],
-                }
-            )
-            r = results[-1]
+def run_inputs(channels: int, seed: int, num_train: int):
+    """(initial params, batch key, permutation of the training pool) of one run. The same seed
+    gives the same init key, subset order and batch keys at every point (paired sweeps)."""
+    init_key, perm_key, batch_key = jax.random.split(jax.random.key(seed), 3)
+    params = nnx.state(CNN(channels, nnx.Rngs(init_key)), nnx.Param)
+    return params, batch_key, jax.random.permutation(perm_key, num_train)
+
+
+def train_width(cfg: Config, data: dict, channels: int, jobs: list, batched: bool) -> list:
+    """Train the (n_train, seed) runs of one width: one after another, or vmapped together with
+    the run axis sharded over every device. Returns each run's outputs on the host."""
+    trainer = make_train(
+        cfg.steps, cfg.eval_every, cfg.batch_size, cfg.learning_rate, channels, batched
+    )
+    inputs = [run_inputs(channels, seed, data["train_x"].shape[0]) for _, seed in jobs]
+    if not batched:
+        return [
+            jax.device_get(trainer(params, key, n_train, perm, data))
+            for (n_train, _), (params, key, perm) in zip(jobs, inputs)
+        ]
+    params, keys, perms = jax.tree.map(lambda *xs: jnp.stack(xs), *inputs)
+    n_trains = jnp.asarray([n_train for n_train, _ in jobs], jnp.int32)
+    out = jax.device_get(trainer(*shard_seeds((params, keys, n_trains, perms)), data))
+    return [jax.tree.map(lambda x, i=i: x[i], out) for i in range(len(jobs))]  # drops the padding
+
+
+def run_sweeps(
+    cfg: Config, data: dict, runs: list[tuple[int, int]], batched: bool | None = None
+) -> list[dict]:
+    """Train every (channels, n_train) run for every seed; one compilation per width.
+
+    batched: vmap the runs of a width together, sharded over the devices; by default only on an
+    accelerator (on CPU it measured no faster, see the module docstring). Results come back in
+    the order of `runs`, then seeds, on either path.
+    """
+    batched = jax.default_backend() != "cpu" if batched is None else batched
+    records, bar = {}, tqdm(total=len(runs) * cfg.num_seeds, desc="runs", disable=None)
+    for channels in dict.fromkeys(c for c, _ in runs):  # widths in order of first appearance
+        jobs = [(n, cfg.seed + s) for c, n in runs if c == channels for s in range(cfg.num_seeds)]
+        for (n_train, seed), out in zip(jobs, train_width(cfg, data, channels, jobs, batched)):
+            val_loss, val_acc, test_loss, test_acc, (train_l, val_l, val_a) = out
+            bad = np.flatnonzero(~np.isfinite(train_l))
+            if bad.size:  # checked per chunk of eval_every steps, on the host, after the scan
+                raise FloatingPointError(
+                    f"training diverged at step {(bad[0] + 1) * cfg.eval_every} (channels="
+                    f"{channels}, n_train={n_train}, seed={seed}): loss is {train_l[bad[0]]}; "
+                    "try a smaller --learning-rate"
+                )
+            r = records[(channels, n_train, seed)] = {
+                "channels": channels,
+                "params": param_count(channels),
+                "n_train": n_train,
+                "seed": seed,
+                "val_loss": float(val_loss),
+                "val_acc": float(val_acc),
+                "test_loss": float(test_loss),
+                "test_acc": float(test_acc),
+                "best_step": int((np.argmin(val_l) + 1) * cfg.eval_every),
+                "val_loss_curve": [float(v) for v in val_l],
+                "train_loss_curve": [float(v) for v in train_l],
+            }
             print(
-                f"channels={channels} params={r['params']} n_train={n_train} seed={r['seed']} "
+                f"channels={channels} params={r['params']} n_train={n_train} seed={seed} "
                 f"val_loss={r['val_loss']:.4f} val_acc={r['val_acc']:.4f} "
                 f"best_step={r['best_step']}"
             )
-    return results
+            bar.update()
+    bar.close()
+    return [records[(c, n, cfg.seed + s)] for c, n in runs for s in range(cfg.num_seeds)]
 
 
 # %% ---------------------------------------------------------------- power-law fits
@@ -483,44 +684,48 @@ def plot_curves(path, results, channels, eval_every) -> None:
 
 # %% ---------------------------------------------------------------- main
 def validate(cfg: Config) -> None:
-    """Raise a one-line ValueError for a bad config, before any work."""
-    if cfg.num_widths < 3 or cfg.num_data_sizes < 3:
-        raise ValueError("num_widths and num_data_sizes must be >= 3 (a fit has 3 parameters)")
+    """Raise a one-line ValueError naming the option, before any data, model or compile work."""
+    if cfg.preset not in PRESETS:
+        raise option_error("preset", cfg.preset, f"must be one of {', '.join(PRESETS)}")
+    check_number(cfg, "seed", 0, 2**32, high_open=True)
+    check_number(cfg, "num_widths", 3, 12)  # a fit has 3 parameters
+    check_number(cfg, "num_data_sizes", 3, 16)
+    check_number(cfg, "base_channels", 1, 1024)
+    check_number(cfg, "steps", 1, 10**7)
+    check_number(cfg, "batch_size", 1, 65536)
+    check_number(cfg, "learning_rate", 0, 1, low_open=True)
+    check_number(cfg, "eval_every", 1, cfg.steps)
+    check_number(cfg, "num_seeds", 1, 1000)
+    check_number(cfg, "val_size", 1000, 30_000)
+    if cfg.seed + cfg.num_seeds > 2**32:
+        raise option_error("seed", cfg.seed, f"+ --num-seeds {cfg.num_seeds} must be <= 2^32")
+    if cfg.val_size % 1000:
+        raise option_error(
+            "val_size", cfg.val_size, "must be a multiple of 1000 (it is scored in chunks of 1000)"
+        )
     if cfg.base_channels < 2 ** (cfg.num_widths - 1):
-        raise ValueError(
-            f"base_channels={cfg.base_channels} must be >= 2^(num_widths-1) = "
-            f"{2 ** (cfg.num_widths - 1)} so the narrowest model keeps >= 1 channel"
+        raise option_error(
+            "base_channels",
+            cfg.base_channels,
+            f"must be >= 2^(num_widths - 1) = {2 ** (cfg.num_widths - 1)} for --num-widths "
+            f"{cfg.num_widths}, so that the narrowest model keeps >= 1 channel",
         )
-    for name in ("steps", "batch_size", "eval_every", "num_seeds"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.steps % cfg.eval_every:
-        raise ValueError(f"steps={cfg.steps} must be a multiple of eval_every={cfg.eval_every}")
-    if not cfg.learning_rate > 0:
-        raise ValueError(f"learning_rate must be positive, got {cfg.learning_rate}")
-    if not (1000 <= cfg.val_size <= 30_000 and cfg.val_size % 1000 == 0):
-        raise ValueError(
-            f"val_size must be a multiple of 1000 in [1000, 30000], got {cfg.val_size}"
-        )
+        raise option_error("eval_every", cfg.eval_every, f"must divide --steps {cfg.steps}")
     smallest = (NUM_TRAIN_FULL - cfg.val_size) // 2 ** (cfg.num_data_sizes - 1)
     if smallest < 10:
-        raise ValueError(
-            f"num_data_sizes={cfg.num_data_sizes} leaves {smallest} images; need >= 10"
+        raise option_error(
+            "num_data_sizes",
+            cfg.num_data_sizes,
+            f"leaves {smallest} images in the smallest subset (with --val-size {cfg.val_size}); "
+            "need >= 10",
         )
-    out = pathlib.Path(cfg.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write_probe").write_text("ok")
-        (out / ".write_probe").unlink()
-    except OSError as err:
-        raise ValueError(f"out_dir {cfg.out_dir!r} is not writable: {err}") from None
+    check_out_dir(cfg.out_dir)
 
 
 def main(cfg: Config) -> dict:
     validate(cfg)
     t0 = time.perf_counter()
-    out = pathlib.Path(cfg.out_dir)
-
     data = load_splits(cfg)
     num_train = data["train_x"].shape[0]
 
@@ -531,7 +736,10 @@ def main(cfg: Config) -> dict:
     if cfg.joint_grid:  # narrower models on every other smaller data size
         runs += [(c, d) for c in widths[1:] for d in sizes[2::2]]
 
-    results = run_sweeps(cfg, data, runs)
+    batched = jax.default_backend() != "cpu"  # see run_sweeps and the module docstring
+    sweep_start = time.perf_counter()
+    results = run_sweeps(cfg, data, runs, batched)
+    sweep_seconds = time.perf_counter() - sweep_start
 
     losses, accs = aggregate(results, "val_loss"), aggregate(results, "val_acc")
 
@@ -556,12 +764,6 @@ def main(cfg: Config) -> dict:
         [param_count(c) for c, _ in keys], [d for _, d in keys], [losses[k][0] for k in keys]
     )
 
-    plot_scaling(out / "scaling.png", model_pts, data_pts, model_fit, data_fit)
-    plot_joint(out / "joint.png", losses, joint_fit)
-    plot_curves(out / "curves.png", results, full_c, cfg.eval_every)
-    with open(out / "runs.json", "w") as f:
-        json.dump(results, f)
-
     full = [r for r in results if r["channels"] == full_c and r["n_train"] == full_d]
     metrics = {
         "task": "scaling_laws",
@@ -581,6 +783,12 @@ def main(cfg: Config) -> dict:
         "full_val_accuracy": float(np.mean([r["val_acc"] for r in full])),
         "full_test_accuracy": float(np.mean([r["test_acc"] for r in full])),
         "steps_per_run": cfg.steps,
+        "preset": getattr(cfg, "preset", "cpu"),
+        **device_info(),
+        "runs_vmapped": int(batched),
+        # optimizer steps of all runs per second of the sweep, compilation included
+        "throughput": len(results) * cfg.steps / sweep_seconds,
+        "throughput_unit": "steps/s",
         "wall_time_s": time.perf_counter() - t0,
         "wall_time_target_s": 300.0,
     }
@@ -591,11 +799,14 @@ def main(cfg: Config) -> dict:
     print(
         " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
     )
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    with staged_run(cfg.out_dir) as out:
+        plot_scaling(out / "scaling.png", model_pts, data_pts, model_fit, data_fit)
+        plot_joint(out / "joint.png", losses, joint_fit)
+        plot_curves(out / "curves.png", results, full_c, cfg.eval_every)
+        (out / "runs.json").write_text(json.dumps(results, allow_nan=False))
+        write_metrics(out, cfg, metrics)
     return metrics
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    run_cli()

@@ -18,9 +18,13 @@ TINY = dict(train_size=2000, val_size=1000, epochs=2, batch_size=64, width=8)
 def interpret_tiny():
     """A width-8 CNN trained for 2 epochs on 2,000 real MNIST digits, and its validation data."""
     cfg = interpret.Config(**TINY, learning_rate=3e-3)
-    x, y, _, _ = interpret.load_mnist()
+    mnist = interpret.load_mnist()
+    x, y = mnist["x_train"], mnist["y_train"]
     x_val, y_val = x[-cfg.val_size :], y[-cfg.val_size :]
-    model, history = interpret.train(cfg, x[: cfg.train_size], y[: cfg.train_size], x_val, y_val)
+    model, history, rate = interpret.train(
+        cfg, x[: cfg.train_size], y[: cfg.train_size], x_val, y_val
+    )
+    assert rate > 0
     return model, history, x_val, y_val
 
 
@@ -46,8 +50,9 @@ def test_interpret_training_is_deterministic(interpret_tiny):
     # Same config and seed as the fixture (the compiled epoch is reused, so this is cheap).
     model, history, x_val, y_val = interpret_tiny
     cfg = interpret.Config(**TINY, learning_rate=3e-3)
-    x, y, _, _ = interpret.load_mnist()
-    again, history_again = interpret.train(cfg, x[:2000], y[:2000], x_val, y_val)
+    mnist = interpret.load_mnist()
+    x, y = mnist["x_train"], mnist["y_train"]
+    again, history_again, _ = interpret.train(cfg, x[:2000], y[:2000], x_val, y_val)
     assert history_again == history
     np.testing.assert_array_equal(again.fc2.kernel[...], model.fc2.kernel[...])
 
@@ -131,34 +136,53 @@ def test_interpret_orientation_selectivity_hand_made():
 
 
 @pytest.mark.parametrize(
-    "bad",
+    "bad,option",
     [
-        dict(epochs=0),
-        dict(width=-1),
-        dict(train_size=59_000, val_size=5_000),
-        dict(learning_rate=0.0),
-        dict(ablate_k=32),
-        dict(batch_size=100, train_size=50),
+        (dict(epochs=0), "--epochs"),
+        (dict(width=-1), "--width"),
+        (dict(train_size=59_000, val_size=5_000), "--train-size"),
+        (dict(learning_rate=0.0), "--learning-rate"),
+        (dict(learning_rate=float("nan")), "--learning-rate"),
+        (dict(learning_rate=float("inf")), "--learning-rate"),
+        (dict(learning_rate=-1e-3), "--learning-rate"),
+        (dict(ablate_k=32), "--ablate-k"),
+        (dict(batch_size=100, train_size=50), "--batch-size"),
+        (dict(seed=-1), "--seed"),
+        (dict(val_size=10), "--val-size"),
+        (dict(num_saliency_digits=10_001), "--num-saliency-digits"),
+        (dict(vis_steps=0), "--vis-steps"),
     ],
 )
-def test_interpret_bad_config_raises(bad, tmp_path):
-    with pytest.raises(ValueError):
-        interpret.main(interpret.Config(out_dir=str(tmp_path), **bad))
+def test_interpret_bad_config_raises(bad, option, tmp_path):
+    cfg = interpret.Config(out_dir=str(tmp_path / "run"), **bad)
+    with pytest.raises(ValueError, match=option):
+        interpret.validate(cfg)
+    with pytest.raises(ValueError, match=option):  # main validates before any work
+        interpret.main(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_interpret_unwritable_out_dir_raises(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ValueError, match="out_dir"):
-        interpret.main(interpret.Config(out_dir=str(blocker / "sub")))
+    for out_dir in (blocker, blocker / "sub"):
+        with pytest.raises(ValueError, match="--out-dir"):
+            interpret.main(interpret.Config(out_dir=str(out_dir)))
+
+
+def _reject(name):
+    raise ValueError(f"metrics.json holds {name}, not strict JSON")
 
 
 @pytest.mark.slow
 def test_interpret_main_end_to_end(tmp_path):
     cfg = interpret.Config(**TINY, vis_steps=32, num_saliency_digits=20, out_dir=str(tmp_path))
     m = interpret.main(cfg)
-    saved = json.loads((tmp_path / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=_reject)
     assert saved == m and m["num_findings"] >= 4
+    assert m["device"].startswith(jax.default_backend()) and m["num_devices"] >= 1
+    assert m["preset"] == "cpu" and m["throughput"] > 0 and m["throughput_unit"] == "steps/s"
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))  # no staging folder left
     assert 0.8 < m["test_accuracy"] <= 1.0
     for name in ["report.md", "class_visualisations.png", "deep_dream.png", "saliency.png"]:
         assert (tmp_path / name).stat().st_size > 0

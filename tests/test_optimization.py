@@ -130,19 +130,37 @@ def test_optimization_hand_transforms_are_drop_in_inside_optax_chain():
 @pytest.mark.parametrize(
     "field,value",
     [("num_steps", 0), ("batch_size", -1), ("val_size", 0), ("log_every", 0),
-     ("adam_learning_rate", 0.0), ("momentum", 1.0), ("train_size", 60_000)],
+     ("adam_learning_rate", 0.0), ("adam_learning_rate", float("nan")),
+     ("sgd_learning_rate", float("inf")), ("momentum_learning_rate", -0.01),
+     ("momentum", 1.0), ("momentum", float("nan")), ("train_size", 60_000), ("train_size", -1),
+     ("seed", -1), ("seed", 2**32), ("val_size", 60_000)],
 )  # fmt: skip
 def test_optimization_bad_config_raises(tmp_path, field, value):
-    cfg = opt.Config(out_dir=str(tmp_path), **{field: value})
-    with pytest.raises(ValueError, match=field):
+    cfg = opt.Config(out_dir=str(tmp_path / "run"), **{field: value})
+    option = "--" + field.replace("_", "-")
+    with pytest.raises(ValueError, match=option):
+        opt.validate(cfg)
+    with pytest.raises(ValueError, match=option):  # main validates before any work
         opt.main(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_optimization_batch_larger_than_training_set_raises(tmp_path):
+    cfg = opt.Config(out_dir=str(tmp_path), train_size=100, batch_size=101)
+    with pytest.raises(ValueError, match="--batch-size 101"):
+        opt.validate(cfg)
 
 
 def test_optimization_unwritable_out_dir_raises(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(ValueError, match="out_dir"):
-        opt.main(opt.Config(out_dir=str(blocker / "sub")))
+    for out_dir in (blocker, blocker / "sub"):
+        with pytest.raises(ValueError, match="--out-dir"):
+            opt.main(opt.Config(out_dir=str(out_dir)))
+
+
+def _reject(name):
+    raise ValueError(f"metrics.json holds {name}, not strict JSON")
 
 
 OPTIMIZATION_TINY = dict(num_steps=100, batch_size=64, train_size=6000, val_size=1000, log_every=50)
@@ -176,7 +194,24 @@ def test_optimization_tiny_run_learns_and_twins_agree(tmp_path):
         assert metrics[f"max_rel_param_diff_{name}"] <= 1e-5
         gap = abs(metrics[f"test_accuracy_{name}_hand"] - metrics[f"test_accuracy_{name}_optax"])
         assert gap <= 0.001
-    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    on_disk = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=_reject)
+    assert on_disk == metrics
     assert on_disk["task"] == "optimization" and 0.0 <= on_disk["test_accuracy_adam_optax"] <= 1.0
+    assert on_disk["device"].startswith(jax.default_backend()) and on_disk["num_devices"] >= 1
+    assert on_disk["preset"] == "cpu" and on_disk["throughput_unit"] == "steps/s"
+    assert on_disk["throughput"] > 0
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))  # no staging folder left
     for figure in ("loss_curves.png", "param_gap.png", "step_time.png"):
         assert (tmp_path / figure).stat().st_size > 0
+
+
+def test_optimization_diverged_run_stops_with_the_step():
+    """A NaN step size (validate refuses one; here it is passed straight to train_pair) makes the
+    loss NaN from step 2: the run stops at the first log boundary and names the option."""
+    cfg = opt.Config(num_steps=4, batch_size=8, log_every=2)
+    rng = np.random.default_rng(0)
+    data = {"x_train": rng.integers(0, 256, (32, 28, 28), np.uint8), "y_train": np.arange(32) % 10}
+    graphdef, params0 = opt.init_model(0)
+    txs = (opt.sgd(float("nan")), optax.sgd(float("nan")))
+    with pytest.raises(FloatingPointError, match="step 2 .*--sgd-learning-rate"):
+        opt.train_pair(cfg, "sgd", txs, graphdef, params0, data, opt.batch_indices(cfg, 32))
