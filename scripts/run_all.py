@@ -64,15 +64,20 @@ TASKS: dict[str, Task] = {
         "PPO writes Shakespeare-like lines",
         300,
         [
-            "reference_reward",
-            "ppo_reward",
-            "ppo_reward_std",
+            "judge_name",
+            "judge_reference",
+            "judge_ppo",
+            "judge_ppo_std",
             "ppo_distinct2",
-            "ppo_kl_to_reference",
+            "ppo_longest_copy_words",
+            "reference_longest_copy_words",
         ],
         {
-            "PPO beats its start by more than the seed spread": (
-                "ppo_reward - reference_reward > ppo_reward_std"
+            "independent judge prefers PPO by more than the seed spread": (
+                "judge_ppo - judge_reference > judge_ppo_std"
+            ),
+            "PPO copies no longer spans than the reference (or none over 6 words)": (
+                "ppo_longest_copy_words <= max(reference_longest_copy_words, 6)"
             ),
             "distinct-2 >= 0.5": "ppo_distinct2 >= 0.5",
         },
@@ -83,13 +88,23 @@ TASKS: dict[str, Task] = {
         "chain-of-thought tokens vs direct answers",
         240,
         [
+            "systematic_heldout_tv_excess_cot",
+            "systematic_heldout_tv_excess_direct",
+            "systematic_heldout_validity_cot",
+            "systematic_heldout_validity_direct",
             "heldout_tv_cot",
             "heldout_tv_direct",
-            "heldout_validity_cot",
-            "heldout_validity_direct",
-            "cot_tokens_per_answer",
+            "num_seeds",
         ],
-        {},
+        {
+            "systematic split: CoT TV excess <= half direct's": (
+                "systematic_heldout_tv_excess_cot <= 0.5 * systematic_heldout_tv_excess_direct"
+            ),
+            "systematic split: CoT validity >= 0.95 (worst seed)": (
+                "systematic_heldout_validity_cot_min >= 0.95"
+            ),
+            ">= 3 seeds": "num_seeds >= 3",
+        },
         "distributions.png",
     ),
     "flow_matching": Task(
@@ -105,7 +120,10 @@ TASKS: dict[str, Task] = {
         "hierarchical DQN on the 6-state stochastic MDP",
         180,
         ["hdqn_reward", "dqn_reward", "optimal_reward", "num_seeds"],
-        {"h-DQN >= 0.13": "hdqn_reward >= 0.13", "flat DQN <= 0.05": "dqn_reward <= 0.05"},
+        {
+            "h-DQN >= 0.13": "hdqn_reward >= 0.13",
+            "h-DQN >= 2x flat DQN": "hdqn_reward >= 2 * dqn_reward",
+        },
         "reward.png",
     ),
     "diffusion": Task(
@@ -229,6 +247,10 @@ TASKS: dict[str, Task] = {
         {
             "BMG above MG": "bmg_cumulative_reward > mg_cumulative_reward",
             "BMG above best fixed epsilon": "bmg_cumulative_reward > best_fixed_cumulative_reward",
+            "BMG's epsilon rises after a swap": "bmg_eps_after_swap > bmg_eps_before_swap",
+            "best fixed epsilon positive in red phases": "best_fixed_red_phase_reward > 0",
+            "best fixed epsilon positive in blue phases": "best_fixed_blue_phase_reward > 0",
+            ">= 10 seeds": "num_seeds >= 10",
         },
         "cumulative_reward.png",
     ),

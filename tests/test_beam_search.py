@@ -1,6 +1,7 @@
 """Beam search by hand must equal Hugging Face `generate(num_beams=...)`, on tiny random models."""
 
 import dataclasses
+import json
 
 import beam_search as bs
 import pytest
@@ -29,7 +30,6 @@ def _beam_search_tiny_model(arch: str, folder) -> torch.nn.Module:
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def beam_search_model(request, tmp_path_factory):
-    torch.set_num_threads(2)
     return _beam_search_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
 
 
@@ -113,15 +113,107 @@ def test_beam_search_bad_arguments_raise(beam_search_model, kwargs):
 
 
 @pytest.mark.parametrize(
-    "change", [dict(num_beams=0), dict(max_new_tokens=0), dict(num_contexts=99), dict(out_dir="")]
+    "change, option",
+    [
+        (dict(num_beams=0), "--num-beams"),
+        (dict(max_new_tokens=0), "--max-new-tokens"),
+        (dict(max_new_tokens=100_000), "--max-new-tokens"),
+        (dict(num_contexts=99), "--num-contexts"),
+        (dict(num_contexts=0), "--num-contexts"),
+        (dict(length_penalty=float("nan")), "--length-penalty"),
+        (dict(length_penalty=float("inf")), "--length-penalty"),
+        (dict(length_penalty=-float("inf")), "--length-penalty"),
+        (dict(timing_repeats=0), "--timing-repeats"),
+        (dict(seed=-1), "--seed"),
+        (dict(seed=2**32), "--seed"),
+        (dict(model=" "), "--model"),
+        (dict(out_dir=""), "--out-dir"),
+    ],
 )
-def test_beam_search_bad_config_raises(change, tmp_path):
+def test_beam_search_bad_config_raises(change, option, tmp_path):
     change = {"out_dir": str(tmp_path / "run"), **change}
     if change["out_dir"] == "":
         (tmp_path / "file").write_text("x")
-        change["out_dir"] = str(tmp_path / "file" / "sub")  # under a file: not writable
-    with pytest.raises(ValueError):
-        bs.main(dataclasses.replace(bs.Config(), **change))
+        change["out_dir"] = str(tmp_path / "file")  # a file, not a folder
+    cfg = dataclasses.replace(bs.Config(), **change)
+    with pytest.raises(ValueError, match=option):
+        bs.validate(cfg)
+    with pytest.raises(ValueError, match=option):  # main validates before any model work
+        bs.main(cfg)
+
+
+def test_beam_search_device_option():
+    """--device cpu is always there; auto resolves to the CPU on a machine without accelerators."""
+    assert bs.pick_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert bs.pick_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="--device cuda"):
+            bs.validate(bs.Config(device="cuda"))
+
+
+def test_beam_search_cli_rejects_bad_value_in_one_line():
+    """From the command line a bad value prints one line naming the option and exits 2."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, bs.__file__, "--length-penalty", "nan"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --length-penalty nan: must be a finite number >= -10 and <= 10"
+    ]
+
+
+@pytest.fixture(scope="module")
+def beam_search_run(tmp_path_factory):
+    """A tiny main() run: a random GPT-2 with a word-level tokenizer over the built-in contexts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("beam_search_lm")
+    _beam_search_tiny_model("gpt2", folder)
+    words = sorted({w for c in bs.CONTEXTS[:2] for w in c.replace(",", " ,").split()})
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]"
+    ).save_pretrained(folder)
+    out = tmp_path_factory.mktemp("beam_search_out") / "run"
+    cfg = bs.Config(model=str(folder), num_beams=3, max_new_tokens=4, num_contexts=2,
+                    timing_repeats=1, device="cpu", out_dir=str(out))  # fmt: skip
+    return bs.main(cfg), out, folder
+
+
+def test_beam_search_main_matches_generate(beam_search_run):
+    metrics, _, folder = beam_search_run
+    assert metrics["model_used"] == str(folder)  # no fallback to the packaged model
+    assert metrics["matches_generate"] == 1
+    assert metrics["max_score_abs_err"] <= 1e-4
+    assert metrics["throughput"] > 0 and metrics["throughput_unit"] == "beam-tokens/s"
+
+
+def test_beam_search_run_folder_is_whole(beam_search_run):
+    """The run folder holds strict JSON metrics (no NaN/Infinity), the config and the figures,
+    and no staging folder is left beside it."""
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    metrics, out, _ = beam_search_run
+    on_disk = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
+    assert on_disk == metrics
+    assert on_disk["device"] == "cpu" and on_disk["preset"] == "cpu"
+    assert json.loads((out / "config.json").read_text())["num_beams"] == 3
+    for name in ("beam_scores.png", "search_tree.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert sorted(p.name for p in out.parent.iterdir()) == ["run"]
 
 
 def test_beam_search_metric_helpers():

@@ -55,8 +55,8 @@ def top_level_sources(path: pathlib.Path) -> dict[str, str]:
             start = min([node.lineno] + [d.lineno for d in node.decorator_list])
             lines = text.splitlines()[start - 1 : node.end_lineno]
             out[node.name] = "\n".join(lines)
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            target = node.targets[0] if isinstance(node, ast.Assign) else node.target
             if isinstance(target, ast.Name):
                 out[target.id] = ast.get_source_segment(text, node)
     return out
