@@ -46,10 +46,17 @@ of post-LN, ReLU MLP, no dropout. The held-out set leans to long sequences, beca
 short sequence (length <= 4) already appears among the 100,000 training sequences.
 """
 
+import contextlib
+import dataclasses
 import json
+import math
 import os
+import pathlib
+import shlex
+import shutil
+import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +71,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 # %% ---------------------------------------------------------------- config
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Config:
     seq_len: int = 12
     """L: the longest sequence to reverse; each sequence has a length drawn uniformly in 1..L."""
@@ -90,6 +97,112 @@ class Config:
     """random seed for data, initialisation and batches."""
     out_dir: str = "runs/reverse_digits"
     """where figures and metrics.json are written."""
+
+
+PRESETS: dict[str, Config] = {"cpu": Config()}
+HELDOUT_DRAWS = 3  # held-out candidates drawn per sequence kept (the ones seen in training drop)
+
+
+# %% ---------------------------------------------------------------- helpers
+def option_error(name: str, value, allowed: str) -> ValueError:
+    """The one-line message for a bad option, spelled as on the command line."""
+    return ValueError(f"--{name.replace('_', '-')} {value}: {allowed}")
+
+
+def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """Raise unless cfg.<name> is finite and in the range (NaN and inf never are)."""
+    value, show = getattr(cfg, name), lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"
+    above = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above and (value < high if high_open else value <= high)):
+        parts = [] if low == -math.inf else [f"{'>' if low_open else '>='} {show(low)}"]
+        parts += [] if high == math.inf else [f"{'<' if high_open else '<='} {show(high)}"]
+        raise option_error(name, value, "must be a finite number " + " and ".join(parts))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
+    The run replaces it whole, so a folder holding anything else is refused."""
+    path = pathlib.Path(out_dir).resolve()
+    if path.exists() and not path.is_dir():
+        raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+        raise option_error(
+            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=path.parent).cleanup()
+    except OSError as err:
+        raise option_error("out_dir", out_dir, f"cannot be written ({err.strerror})") from None
+
+
+@contextlib.contextmanager
+def staged_run(out_dir: str):
+    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
+    or killed run leaves the previous results as they were, never a mix of two runs."""
+    final = pathlib.Path(out_dir).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if (final / "study").is_dir():  # a study's outputs (studies/) are not this run's to drop
+        os.replace(final / "study", stage / "study")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(stage, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
+    """config.json, then metrics.json last and atomically, as strict JSON (no NaN or Infinity)."""
+    metrics = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}  # numpy
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"metrics {bad} are not finite; the run diverged")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1, allow_nan=False))
+    os.replace(tmp, out / "metrics.json")
+
+
+def cli_config(args: list[str] | None = None) -> "Config":
+    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
+    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    if args is None:
+        in_kernel = "ipykernel" in sys.modules
+        args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
+    flags = [f"{a}={b}" if a == "--preset" else a for a, b in zip(args, args[1:] + [""])]
+    name = ([f.split("=", 1)[1] for f in flags if f.startswith("--preset=")] or ["cpu"])[-1]
+    return tyro.cli(Config, default=PRESETS.get(name, PRESETS["cpu"]), args=args)
+
+
+def run_cli() -> dict:
+    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
+    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    cfg = cli_config()
+    try:
+        validate(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        return main(cfg)
+    except (FloatingPointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def device_info() -> dict:
+    """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
+    devices = jax.devices()
+    return {
+        "device": f"{jax.default_backend()}:{devices[0].device_kind}",
+        "num_devices": len(devices),
+    }
 
 
 # %% ---------------------------------------------------------------- data
@@ -223,7 +336,8 @@ def make_train_chunk(cfg: Config, optimizer, train_seqs: jax.Array, train_length
 
 
 def train(cfg: Config, key: jax.Array, train_seqs, train_lengths, heldout_seqs, heldout_lengths):
-    """Adam with warmup + cosine decay; returns params and the loss history."""
+    """Adam with warmup + cosine decay; returns params, the loss history and the tokens/s of the
+    training loop (its first chunk, which compiles, left out)."""
     key_init, key_steps = jax.random.split(key)
     params = init_params(key_init, cfg)
     schedule = optax.warmup_cosine_decay_schedule(
@@ -238,17 +352,29 @@ def train(cfg: Config, key: jax.Array, train_seqs, train_lengths, heldout_seqs, 
     step_keys = jax.random.split(key_steps, cfg.steps)
     heldout = jnp.asarray(heldout_seqs[:1000]), jnp.asarray(heldout_lengths[:1000])
     train_losses, heldout_losses = [], []
+    clock = [time.perf_counter(), 0]  # (start, first step timed): restarted after the first chunk
     for start in tqdm(range(0, cfg.steps, chunk), disable=None, desc="train"):
         params, opt_state, losses = chunk_fn(params, opt_state, step_keys[start : start + chunk])
-        train_losses.extend(np.asarray(losses).tolist())
+        losses = np.asarray(losses)
+        if not np.isfinite(losses).all():  # once per chunk, on the host
+            bad = int(np.argmin(np.isfinite(losses)))
+            raise FloatingPointError(
+                f"training diverged at step {start + bad + 1}: loss is {losses[bad]}; "
+                "try a smaller --learning-rate"
+            )
+        train_losses.extend(losses.tolist())
         heldout_losses.append((start + len(losses), float(loss_fn(params, *heldout))))
+        if start == 0 and cfg.steps > chunk:
+            clock = [time.perf_counter(), len(losses)]
         if (start // chunk) % 5 == 0 or start + chunk >= cfg.steps:
             print(
                 f"step={start + len(losses)} train_loss={train_losses[-1]:.4f} "
                 f"heldout_loss={heldout_losses[-1][1]:.4f}",
                 flush=True,
             )
-    return params, np.array(train_losses), np.array(heldout_losses)
+    tokens = (cfg.steps - clock[1]) * cfg.batch_size * 2 * cfg.seq_len  # input tokens per step
+    tokens_per_s = tokens / (time.perf_counter() - clock[0])
+    return params, np.array(train_losses), np.array(heldout_losses), tokens_per_s
 
 
 # %% ---------------------------------------------------------------- greedy decoding and evaluation
@@ -285,7 +411,7 @@ def evaluate(params: dict, seqs: np.ndarray, lengths: np.ndarray, cfg: Config) -
 
 
 # %% ---------------------------------------------------------------- figures
-def plot_loss(train_losses: np.ndarray, heldout_losses: np.ndarray, path: str) -> None:
+def plot_loss(train_losses: np.ndarray, heldout_losses: np.ndarray, path: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.semilogy(np.arange(1, len(train_losses) + 1), train_losses, lw=0.8, label="train batch")
     ax.semilogy(heldout_losses[:, 0], heldout_losses[:, 1], "o-", ms=3, label="held-out")
@@ -297,7 +423,9 @@ def plot_loss(train_losses: np.ndarray, heldout_losses: np.ndarray, path: str) -
     plt.close(fig)
 
 
-def plot_attention(attn_maps: list, seq: np.ndarray, length: int, cfg: Config, path: str) -> None:
+def plot_attention(
+    attn_maps: list, seq: np.ndarray, length: int, cfg: Config, path: pathlib.Path
+) -> None:
     """Every head of every layer for one example; rows are queries, columns are keys."""
     t = 2 * cfg.seq_len  # every input position
     sep, pad, _ = tokens(cfg)
@@ -323,7 +451,7 @@ def plot_attention(attn_maps: list, seq: np.ndarray, length: int, cfg: Config, p
     plt.close(fig)
 
 
-def plot_examples(seqs, lengths, decoded, cfg: Config, path: str, n: int = 12) -> None:
+def plot_examples(seqs, lengths, decoded, cfg: Config, path: pathlib.Path, n: int = 12) -> None:
     """A table of held-out inputs, greedy outputs and targets."""
     half, rows = cfg.seq_len, []
     fmt = lambda a: " ".join(str(int(x)) for x in a)
@@ -344,29 +472,51 @@ def plot_examples(seqs, lengths, decoded, cfg: Config, path: str, n: int = 12) -
 
 
 # %% ---------------------------------------------------------------- main
+def expected_unseen(cfg: Config) -> float:
+    """Expected number of the held-out candidates that are not in the training set. A candidate of
+    length k is one of V^k sequences, each drawn with probability 1 / (L V^k) by a training draw,
+    so it is unseen with probability (1 - 1 / (L V^k))^num_train."""
+    total = 0.0
+    for k in range(1, cfg.seq_len + 1):
+        p = math.exp(-k * math.log(cfg.vocab_size)) / cfg.seq_len
+        if p * cfg.num_train < 1e-9:  # this length and every longer one: all but surely unseen
+            total += cfg.seq_len - k + 1
+            break
+        total += math.exp(cfg.num_train * math.log1p(-p))
+    return HELDOUT_DRAWS * cfg.num_heldout * total / cfg.seq_len
+
+
+INTEGER_OPTIONS = (
+    "seed", "seq_len", "vocab_size", "d_model", "num_heads", "num_layers", "num_train",
+    "num_heldout", "steps", "batch_size",
+)  # fmt: skip
+
+
 def validate(cfg: Config) -> None:
-    positive = ["seq_len", "vocab_size", "d_model", "num_heads", "num_layers", "num_train"]
-    positive += ["num_heldout", "steps", "batch_size"]
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.vocab_size < 2:
-        raise ValueError(
-            f"vocab_size must be >= 2 to make reversal non-trivial, got {cfg.vocab_size}"
+    """Every option finite and in range, and the rules between options; no model or data work."""
+    for name in INTEGER_OPTIONS:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise option_error(name, value, "must be an integer")
+    if not 0 <= cfg.seed < 2**32:
+        raise option_error("seed", cfg.seed, "must be an integer >= 0 and < 2**32")
+    for name in INTEGER_OPTIONS[1:]:
+        check_number(cfg, name, 1)
+    check_number(cfg, "vocab_size", 2)  # with one digit every reversal is the input itself
+    check_number(cfg, "learning_rate", 0.0, 1.0, low_open=True)
+    if cfg.d_model % cfg.num_heads:
+        raise option_error(
+            "num_heads", cfg.num_heads, f"must divide --d-model {cfg.d_model} (equal head widths)"
         )
-    if cfg.d_model % cfg.num_heads or cfg.d_model % 2:
-        raise ValueError(
-            f"d_model must be even and divisible by num_heads, got {cfg.d_model}, {cfg.num_heads}"
-        )
-    if not cfg.learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {cfg.learning_rate}")
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        probe = os.path.join(cfg.out_dir, ".write_probe")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"out_dir {cfg.out_dir!r} is not writable: {err}") from None
+    unseen = expected_unseen(cfg)
+    if unseen < cfg.num_heldout:
+        raise option_error(
+            "num_heldout", cfg.num_heldout,
+            f"only about {unseen:.0f} of the {HELDOUT_DRAWS * cfg.num_heldout} sequences drawn "
+            "for it would be unseen in training; lower --num-heldout or --num-train, or raise "
+            "--seq-len or --vocab-size",
+        )  # fmt: skip
+    check_out_dir(cfg.out_dir)
 
 
 def main(cfg: Config) -> dict:
@@ -377,19 +527,18 @@ def main(cfg: Config) -> dict:
     train_seqs, train_lengths = make_sequences(key_train_data, cfg.num_train, cfg)
     # held-out: fresh draws, minus any sequence that is also in the training set
     seen = {s.tobytes() for s in train_seqs}
-    cand_seqs, cand_lengths = make_sequences(key_heldout, 3 * cfg.num_heldout, cfg)
+    cand_seqs, cand_lengths = make_sequences(key_heldout, HELDOUT_DRAWS * cfg.num_heldout, cfg)
     fresh = np.array([s.tobytes() not in seen for s in cand_seqs])
     heldout_seqs, heldout_lengths = (
         cand_seqs[fresh][: cfg.num_heldout],
         cand_lengths[fresh][: cfg.num_heldout],
     )
-    if len(heldout_seqs) < cfg.num_heldout:
-        raise ValueError(
-            f"only {len(heldout_seqs)} unseen sequences; raise seq_len or vocab_size, "
-            "or lower num_train"
-        )
+    if len(heldout_seqs) == 0:  # validate checked the expected count, not this draw
+        raise option_error("num_heldout", cfg.num_heldout, "no drawn sequence was unseen; lower it")
+    if len(heldout_seqs) < cfg.num_heldout:  # metrics.json records the number used
+        print(f"note: only {len(heldout_seqs)} unseen sequences for the held-out set")
 
-    params, train_losses, heldout_losses = train(
+    params, train_losses, heldout_losses, tokens_per_s = train(
         cfg, key_model, train_seqs, train_lengths, heldout_seqs, heldout_lengths
     )
     heldout = evaluate(params, heldout_seqs, heldout_lengths, cfg)
@@ -400,24 +549,14 @@ def main(cfg: Config) -> dict:
         f"exact_match={heldout['exact_match']:.4f} token_accuracy={heldout['token_accuracy']:.4f} "
         f"train_exact_match={train_eval['exact_match']:.4f}"
     )
-
-    plot_loss(train_losses, heldout_losses, os.path.join(cfg.out_dir, "loss.png"))
     longest = int(np.argmax(heldout_lengths))  # show the longest example: the clearest map
     _, attn_maps = forward(
         params, jnp.asarray(heldout_seqs[longest : longest + 1, :-1]), cfg.num_heads
     )
-    plot_attention(
-        attn_maps, heldout_seqs[longest], int(heldout_lengths[longest]), cfg,
-        os.path.join(cfg.out_dir, "attention.png"),
-    )  # fmt: skip
-    plot_examples(
-        heldout_seqs, heldout_lengths, heldout["decoded"], cfg,
-        os.path.join(cfg.out_dir, "examples.png"),
-    )  # fmt: skip
-
     metrics = {
         "task": "reverse_digits",
         "seed": cfg.seed,
+        "preset": getattr(cfg, "preset", "cpu"),
         "exact_match": heldout["exact_match"],
         "exact_match_target": 0.99,
         "token_accuracy": heldout["token_accuracy"],
@@ -428,16 +567,21 @@ def main(cfg: Config) -> dict:
         "heldout_mean_length": float(heldout_lengths.mean()),
         "final_train_loss": float(train_losses[-20:].mean()),
         "final_heldout_loss": float(heldout_losses[-1, 1]),
-        "wall_time_s": time.perf_counter() - t0,
+        **device_info(),
+        "throughput": tokens_per_s,
+        "throughput_unit": "tokens/s",
     }
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
-    tmp = os.path.join(cfg.out_dir, "metrics.json.tmp")  # metrics.json last and atomically
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(tmp, os.path.join(cfg.out_dir, "metrics.json"))
+    with staged_run(cfg.out_dir) as out:
+        plot_loss(train_losses, heldout_losses, out / "loss.png")
+        plot_attention(
+            attn_maps, heldout_seqs[longest], int(heldout_lengths[longest]), cfg,
+            out / "attention.png",
+        )  # fmt: skip
+        plot_examples(heldout_seqs, heldout_lengths, heldout["decoded"], cfg, out / "examples.png")
+        metrics["wall_time_s"] = time.perf_counter() - t0
+        write_metrics(out, cfg, metrics)
     return metrics
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    run_cli()
