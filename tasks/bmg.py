@@ -98,10 +98,16 @@ Differences from the paper (chosen so that a run fits in minutes on 2 CPU cores)
 """
 
 # %%
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import pathlib
+import shlex
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -128,6 +134,108 @@ STATS_LEN = 10  # the meta-learner sees the mean reward of the last 10 rollouts 
 META_HIDDEN = 32
 EPS_INIT = 0.1  # the meta-learners start from eps = 0.1 (sigmoid of the output bias)
 CHUNKS = 10  # host round-trips per arm: one progress-bar tick and one log line each
+
+
+# %% ---------------------------------------------------------------- helpers
+def option_error(name: str, value, allowed: str) -> ValueError:
+    """The one-line message for a bad option, spelled as on the command line."""
+    return ValueError(f"--{name.replace('_', '-')} {value}: {allowed}")
+
+
+def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """Raise unless cfg.<name> is finite and in the range (NaN and inf never are)."""
+    value, show = getattr(cfg, name), lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"
+    above = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above and (value < high if high_open else value <= high)):
+        parts = [] if low == -math.inf else [f"{'>' if low_open else '>='} {show(low)}"]
+        parts += [] if high == math.inf else [f"{'<' if high_open else '<='} {show(high)}"]
+        raise option_error(name, value, "must be a finite number " + " and ".join(parts))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
+    The run replaces it whole, so a folder holding anything else is refused."""
+    path = pathlib.Path(out_dir).resolve()
+    if path.exists() and not path.is_dir():
+        raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+        raise option_error(
+            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=path.parent).cleanup()
+    except OSError as err:
+        raise option_error("out_dir", out_dir, f"cannot be written ({err.strerror})") from None
+
+
+@contextlib.contextmanager
+def staged_run(out_dir: str):
+    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
+    or killed run leaves the previous results as they were, never a mix of two runs."""
+    final = pathlib.Path(out_dir).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if (final / "study").is_dir():  # a study's outputs (studies/) are not this run's to drop
+        os.replace(final / "study", stage / "study")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(stage, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
+    """config.json, then metrics.json last and atomically, as strict JSON (no NaN or Infinity)."""
+    metrics = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}  # numpy
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"metrics {bad} are not finite; the run diverged")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1, allow_nan=False))
+    os.replace(tmp, out / "metrics.json")
+
+
+def cli_config(args: list[str] | None = None) -> "Config":
+    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
+    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    if args is None:
+        in_kernel = "ipykernel" in sys.modules
+        args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
+    flags = [f"{a}={b}" if a == "--preset" else a for a, b in zip(args, args[1:] + [""])]
+    name = ([f.split("=", 1)[1] for f in flags if f.startswith("--preset=")] or ["cpu"])[-1]
+    return tyro.cli(Config, default=PRESETS.get(name, PRESETS["cpu"]), args=args)
+
+
+def run_cli() -> dict:
+    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
+    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    cfg = cli_config()
+    try:
+        validate(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        return main(cfg)
+    except (FloatingPointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def device_info() -> dict:
+    """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
+    devices = jax.devices()
+    return {
+        "device": f"{jax.default_backend()}:{devices[0].device_kind}",
+        "num_devices": len(devices),
+    }
 
 
 # %% ---------------------------------------------------------------- config
@@ -597,34 +705,33 @@ def plot_epsilon(eps_logs: dict, best_eps: float, cfg: Config, out: pathlib.Path
 
 
 # %% ---------------------------------------------------------------- main
-def validate(cfg: Config) -> pathlib.Path:
+def validate(cfg: Config) -> None:
+    """Every option finite and in range, before any work."""
+    check_number(cfg, "seed", 0, 2**32 - 1000)
     for name in ("total_steps", "swap_every", "num_seeds", "rollout_len", "k_inner", "l_target"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.hidden <= 0:
-        raise ValueError(f"hidden must be a positive integer, got {cfg.hidden}")
+        check_number(cfg, name, 1)
+    check_number(cfg, "hidden", 1, 4096)
+    check_number(cfg, "lr", 0, 10, low_open=True)
+    check_number(cfg, "meta_lr", 0, 1, low_open=True)
     if cfg.total_steps < cfg.rollout_len * CHUNKS:
-        raise ValueError(f"total_steps must be >= rollout_len * {CHUNKS}, got {cfg.total_steps}")
-    if cfg.lr <= 0 or cfg.meta_lr <= 0:
-        raise ValueError(f"lr and meta_lr must be positive, got {cfg.lr} and {cfg.meta_lr}")
-    if not cfg.fixed_epsilons or not all(0 <= e < 1 for e in cfg.fixed_epsilons):
-        raise ValueError(
-            f"fixed_epsilons must be non-empty values in [0, 1), got {cfg.fixed_epsilons}"
+        raise option_error(
+            "total_steps",
+            cfg.total_steps,
+            f"must be >= --rollout-len * {CHUNKS}",
         )
-    out = pathlib.Path(cfg.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"out_dir {cfg.out_dir!r} is not writable: {e.strerror}") from None
-    return out
+    if cfg.swap_every >= cfg.total_steps:
+        raise option_error(
+            "swap_every", cfg.swap_every, f"must be < --total-steps ({cfg.total_steps}): no swap"
+        )
+    bad = [e for e in cfg.fixed_epsilons if not (math.isfinite(e) and 0 <= e < 1)]
+    if not cfg.fixed_epsilons or bad:
+        raise option_error("fixed_epsilons", cfg.fixed_epsilons, "must be values in [0, 1)")
+    check_out_dir(cfg.out_dir)
 
 
 def main(cfg: Config) -> dict:
     start = time.perf_counter()
-    out = validate(cfg)
+    validate(cfg)
     carry0 = initial_carries(cfg)
     epsilons = jnp.array(cfg.fixed_epsilons, dtype=jnp.float32)
     bar = tqdm(total=CHUNKS * len(ARMS), disable=None, desc="train")
@@ -632,6 +739,11 @@ def main(cfg: Config) -> dict:
     for arm in ARMS[1:]:
         logs[arm] = train_arm(arm, cfg, carry0, jnp.zeros(1), bar)
     bar.close()
+    train_time = time.perf_counter() - start
+    if not all(np.isfinite(log["reward"]).all() for log in logs.values()):
+        raise FloatingPointError(
+            "training diverged: a reward log is not finite; try a smaller --lr"
+        )
 
     # Cumulative reward per seed, then mean and (sample) std over seeds.
     cumulative = {arm: log["reward"].sum(-1) for arm, log in logs.items()}  # (E, S)
@@ -654,21 +766,26 @@ def main(cfg: Config) -> dict:
         metrics[f"{arm}_eps_before_swap"] = float(swap_window_means(eps, cfg, True).mean())
         metrics[f"{arm}_eps_after_swap"] = float(swap_window_means(eps, cfg, False).mean())
     metrics |= {"total_steps": cfg.total_steps, "swap_every": cfg.swap_every}
+    metrics |= {**device_info(), "preset": getattr(cfg, "preset", "cpu")}
+    arms = len(cfg.fixed_epsilons) + len(ARMS) - 1
+    metrics["throughput"] = arms * cfg.num_seeds * cfg.total_steps / train_time
+    metrics["throughput_unit"] = "env steps/s (all arms and seeds, compilation included)"
     print(
         " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
     )
 
     fixed = {e: logs["fixed"]["reward"][i] for i, e in enumerate(cfg.fixed_epsilons) if i != best}
-    plot_cumulative(rewards, fixed, cfg, out)
-    plot_around_swap(rewards, cfg, out)
-    plot_epsilon({arm: logs[arm]["eps"][0] for arm in ARMS[1:]}, cfg.fixed_epsilons[best], cfg, out)
-
-    metrics["wall_time_s"] = round(time.perf_counter() - start, 2)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, out / "metrics.json")  # written last and atomically
+    with staged_run(cfg.out_dir) as out:
+        plot_cumulative(rewards, fixed, cfg, out)
+        plot_around_swap(rewards, cfg, out)
+        eps_logs = {arm: logs[arm]["eps"][0] for arm in ARMS[1:]}
+        plot_epsilon(eps_logs, cfg.fixed_epsilons[best], cfg, out)
+        metrics["wall_time_s"] = round(time.perf_counter() - start, 2)
+        write_metrics(out, cfg, metrics)  # written last and atomically
     return metrics
 
 
+PRESETS = {"cpu": Config()}
+
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    run_cli()

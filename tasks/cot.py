@@ -62,8 +62,16 @@ scratch on synthetic scratchpads (no prompting of a pretrained model), and a ran
 reasoning is sampled, not decoded greedily.
 """
 
+import contextlib
+import dataclasses
 import json
+import math
 import os
+import pathlib
+import shlex
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -78,6 +86,125 @@ from tqdm import tqdm
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+# %% ---------------------------------------------------------------- helpers
+# fmt: off
+def option_error(name: str, value, allowed: str) -> ValueError:
+    """The one-line message for a bad option, spelled as on the command line."""
+    return ValueError(f"--{name.replace('_', '-')} {value}: {allowed}")
+
+
+def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """Raise unless cfg.<name> is finite and in the range (NaN and inf never are)."""
+    value, show = getattr(cfg, name), lambda x: str(int(x)) if float(x).is_integer() else f"{x:g}"
+    above = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above and (value < high if high_open else value <= high)):
+        parts = [] if low == -math.inf else [f"{'>' if low_open else '>='} {show(low)}"]
+        parts += [] if high == math.inf else [f"{'<' if high_open else '<='} {show(high)}"]
+        raise option_error(name, value, "must be a finite number " + " and ".join(parts))
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
+    The run replaces it whole, so a folder holding anything else is refused."""
+    path = pathlib.Path(out_dir).resolve()
+    if path.exists() and not path.is_dir():
+        raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+        raise option_error(
+            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=path.parent).cleanup()
+    except OSError as err:
+        raise option_error("out_dir", out_dir, f"cannot be written ({err.strerror})") from None
+
+
+@contextlib.contextmanager
+def staged_run(out_dir: str):
+    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
+    or killed run leaves the previous results as they were, never a mix of two runs."""
+    final = pathlib.Path(out_dir).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if (final / "study").is_dir():  # a study's outputs (studies/) are not this run's to drop
+        os.replace(final / "study", stage / "study")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(stage, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
+    """config.json, then metrics.json last and atomically, as strict JSON (no NaN or Infinity)."""
+    metrics = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}  # numpy
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"metrics {bad} are not finite; the run diverged")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=1, allow_nan=False))
+    os.replace(tmp, out / "metrics.json")
+
+
+def cli_config(args: list[str] | None = None) -> "Config":
+    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
+    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    if args is None:
+        in_kernel = "ipykernel" in sys.modules
+        args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
+    flags = [f"{a}={b}" if a == "--preset" else a for a, b in zip(args, args[1:] + [""])]
+    name = ([f.split("=", 1)[1] for f in flags if f.startswith("--preset=")] or ["cpu"])[-1]
+    return tyro.cli(Config, default=PRESETS.get(name, PRESETS["cpu"]), args=args)
+
+
+def run_cli() -> dict:
+    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
+    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    cfg = cli_config()
+    try:
+        validate(cfg)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        return main(cfg)
+    except (FloatingPointError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def device_info() -> dict:
+    """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
+    devices = jax.devices()
+    return {
+        "device": f"{jax.default_backend()}:{devices[0].device_kind}",
+        "num_devices": len(devices),
+    }
+
+
+def shard_seeds(tree):
+    """Split the leading (seed) axis of every array in `tree` over all local devices, with a 1-D
+    Mesh and a NamedSharding: jit then runs each device's seeds on that device, so 8 accelerators
+    train 8x the seeds in about the same time. A seed count that the device count does not divide
+    is padded by repeating the last seed; keep the first num_seeds rows of every result."""
+    devices = jax.devices()
+    pad = -jax.tree.leaves(tree)[0].shape[0] % len(devices)
+    if pad:
+        tree = jax.tree.map(lambda x: jnp.concatenate([x] + [x[-1:]] * pad), tree)
+    mesh = jax.sharding.Mesh(np.array(devices), ("seed",))
+    return jax.device_put(
+        tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
+    )
+# fmt: on
 
 
 # %% ---------------------------------------------------------------- Config
@@ -107,6 +234,9 @@ class Config:
     """seed for initial weights, batches and sampling (the request split is fixed)"""
     out_dir: str = "runs/cot"
     """where figures and metrics.json are written"""
+
+
+PRESETS: dict[str, Config] = {"cpu": Config()}
 
 
 # %% ---------------------------------------------------------------- Tokens and requests
@@ -357,18 +487,18 @@ def answer_stats(requests: np.ndarray, answers: np.ndarray) -> tuple[float, floa
 GEN_BATCH = 768  # sequences per generate call: one compiled shape serves every evaluation
 
 
-def evaluate(generate, params, sets: dict, samples: int, key, length: int) -> dict:
+def evaluate(generate, params, sets: dict, samples: int, key, length: int, num_seeds: int) -> dict:
     """Sample `samples` answers per request with every seed's model. Returns, per (family, split),
     the parsed answers (seeds, R, S) and the mean number of tokens generated per answer."""
     flat = np.repeat(np.concatenate(list(sets.values())), samples, 0)
     padded = np.resize(flat, (-(-len(flat) // GEN_BATCH) * GEN_BATCH, 3))  # whole blocks
     all_prompts, plen = prompts(padded, length), np.asarray(PROMPT_LEN)[padded[:, 0]]
-    num_seeds = jax.tree.leaves(params)[0].shape[0]
     tokens = []
     for i in range(0, len(padded), GEN_BATCH):
         block = slice(i, i + GEN_BATCH)
-        keys = jax.random.split(jax.random.fold_in(key, i), num_seeds)
-        tokens.append(np.asarray(generate(params, all_prompts[block], plen[block], keys)))
+        keys = shard_seeds(jax.random.split(jax.random.fold_in(key, i), num_seeds))
+        out = generate(params, all_prompts[block], plen[block], keys)
+        tokens.append(np.asarray(out)[:num_seeds])
     tokens = np.concatenate(tokens, axis=1)  # (seeds, N, T)
     out, start = {}, 0
     for name, reqs in sets.items():
@@ -424,7 +554,8 @@ def train(cfg: Config, cot: bool, init, apply, pbar) -> tuple:
     tx = optax.adamw(schedule, weight_decay=0.01)
     # Both arms start from the same weights and see the same requests and draws (same seeds).
     k_init, k_eval = jax.random.split(jax.random.key(cfg.seed))
-    params = jax.vmap(init)(jax.random.split(k_init, cfg.num_seeds))
+    # The seed axis is split over every local device (padded to a multiple of the device count).
+    params = shard_seeds(jax.vmap(init)(jax.random.split(k_init, cfg.num_seeds)))
     opt_state = jax.vmap(tx.init)(params)
     rng = np.random.default_rng(cfg.seed)
     seen = seen_table()
@@ -434,7 +565,8 @@ def train(cfg: Config, cot: bool, init, apply, pbar) -> tuple:
     curve = []  # (step, held-out TV per seed, averaged over families)
 
     def curve_point(step: int) -> None:
-        res = evaluate(generate, params, curve_sets, 64, jax.random.fold_in(k_eval, step), length)
+        key = jax.random.fold_in(k_eval, step)
+        res = evaluate(generate, params, curve_sets, 64, key, length, cfg.num_seeds)
         tv = [
             [answer_stats(curve_sets[n], ans[s])[1] for n, (ans, _) in res.items()]
             for s in range(cfg.num_seeds)
@@ -442,16 +574,25 @@ def train(cfg: Config, cot: bool, init, apply, pbar) -> tuple:
         curve.append((step, np.mean(tv, axis=1)))
 
     curve_point(0)
+    train_time = 0.0  # seconds in the training chunks only (not the curve's evaluations)
     for i in range(cfg.curve_points):
-        seqs, mask = make_batches(seen, (cfg.num_seeds, chunk, cfg.batch_size), rng, cot)
-        params, opt_state, loss = run_chunk(params, opt_state, seqs, mask)
+        tic = time.perf_counter()
+        batch = make_batches(seen, (cfg.num_seeds, chunk, cfg.batch_size), rng, cot)
+        params, opt_state, loss = run_chunk(params, opt_state, *shard_seeds(batch))
+        loss = np.asarray(loss)[: cfg.num_seeds]  # each seed's mean loss over the chunk
+        train_time += time.perf_counter() - tic
+        if not np.isfinite(loss).all():
+            raise FloatingPointError(
+                f"training diverged at step {(i + 1) * chunk}: loss is {loss}; "
+                "try a smaller --learning-rate"
+            )
         curve_point((i + 1) * chunk)
         pbar.update(1)
         tqdm.write(
             f"arm={arm} step={(i + 1) * chunk} loss={float(loss.mean()):.4f} "
             f"heldout_tv={float(curve[-1][1].mean()):.3f}"
         )
-    return params, generate, curve, float(loss.mean())
+    return params, generate, curve, float(loss.mean()), train_time
 
 
 # %% ---------------------------------------------------------------- Figures
@@ -527,36 +668,20 @@ def comparison_table(metrics: dict) -> str:
 
 # %% ---------------------------------------------------------------- Main
 def validate(cfg: Config) -> None:
-    positive = (
-        "steps",
-        "batch_size",
-        "d_model",
-        "n_layers",
-        "n_heads",
-        "num_seeds",
-        "eval_requests",
-        "eval_samples",
-        "curve_points",
-    )
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.learning_rate <= 0:
-        raise ValueError(f"learning_rate must be positive, got {cfg.learning_rate}")
+    """Every option finite and in range, and the cross-field constraints, before any work."""
+    for name in ("steps", "batch_size", "d_model", "n_layers", "n_heads", "num_seeds"):
+        check_number(cfg, name, 1)
+    for name in ("eval_requests", "eval_samples", "curve_points"):
+        check_number(cfg, name, 1)
+    check_number(cfg, "learning_rate", 0, 1, low_open=True)
+    check_number(cfg, "seed", 0, 2**32, high_open=True)
     if cfg.d_model % cfg.n_heads:
-        raise ValueError(f"d_model ({cfg.d_model}) must be divisible by n_heads ({cfg.n_heads})")
+        raise option_error("d_model", cfg.d_model, f"must be divisible by --n-heads {cfg.n_heads}")
     if cfg.steps % cfg.curve_points:
-        raise ValueError(
-            f"steps ({cfg.steps}) must be a multiple of curve_points ({cfg.curve_points})"
+        raise option_error(
+            "steps", cfg.steps, f"must be a multiple of --curve-points {cfg.curve_points}"
         )
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        probe = os.path.join(cfg.out_dir, ".write_probe")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"out_dir {cfg.out_dir!r} is not writable: {e}") from None
+    check_out_dir(cfg.out_dir)
 
 
 def main(cfg: Config) -> dict:
@@ -564,14 +689,15 @@ def main(cfg: Config) -> dict:
     validate(cfg)
     init, apply = make_model_fns(cfg)
     sets = eval_sets(cfg.eval_requests)
-    results, curves, tokens, losses = {}, {}, {}, {}
+    results, curves, tokens, losses, train_time = {}, {}, {}, {}, 0.0
     pbar = tqdm(total=2 * cfg.curve_points, desc="chunks", disable=None)
     for cot in (True, False):
         arm = "cot" if cot else "direct"
-        params, generate, curves[arm], losses[arm] = train(cfg, cot, init, apply, pbar)
-        key = jax.random.fold_in(jax.random.key(cfg.seed), 7)
+        params, generate, curves[arm], losses[arm], secs = train(cfg, cot, init, apply, pbar)
+        train_time += secs
+        key, length = jax.random.fold_in(jax.random.key(cfg.seed), 7), (DIRECT_LEN, SEQ_LEN)[cot]
         results[arm] = evaluate(
-            generate, params, sets, cfg.eval_samples, key, SEQ_LEN if cot else DIRECT_LEN
+            generate, params, sets, cfg.eval_samples, key, length, cfg.num_seeds
         )
         tokens[arm] = float(np.mean([t for _, t in results[arm].values()]))
     pbar.close()
@@ -583,6 +709,11 @@ def main(cfg: Config) -> dict:
         "num_seeds": cfg.num_seeds,
         "num_params": int(num_params),
         "steps": cfg.steps,
+        "preset": getattr(cfg, "preset", "cpu"),
+        **device_info(),
+        # training steps per second, counting every seed of both arms (compilation included)
+        "throughput": 2 * cfg.steps * cfg.num_seeds / train_time,
+        "throughput_unit": "model-steps/s",
     }
     rng = np.random.default_rng(cfg.seed)
     agg: dict = {}
@@ -615,16 +746,17 @@ def main(cfg: Config) -> dict:
     metrics["cot_tokens_per_answer"] = tokens["cot"]
     metrics["direct_tokens_per_answer"] = tokens["direct"]
 
-    plot_distributions(sets, results, os.path.join(cfg.out_dir, "distributions.png"))
     curve_floor = float(
         np.mean([reference_stats(r, 64, rng)[0] for r in eval_sets(4, heldout_only=True).values()])
     )
-    plot_tv_curve(curves, curve_floor, os.path.join(cfg.out_dir, "tv_curve.png"))
     table = comparison_table(metrics)
-    with open(os.path.join(cfg.out_dir, "comparison.md"), "w") as f:
-        f.write(table)
     tqdm.write(table)
-    metrics["wall_time_s"] = float(time.perf_counter() - start_time)
+    with staged_run(cfg.out_dir) as out:
+        plot_distributions(sets, results, out / "distributions.png")
+        plot_tv_curve(curves, curve_floor, out / "tv_curve.png")
+        (out / "comparison.md").write_text(table)
+        metrics["wall_time_s"] = float(time.perf_counter() - start_time)
+        write_metrics(out, cfg, metrics)
     print(
         " ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -632,12 +764,8 @@ def main(cfg: Config) -> dict:
             if k.startswith(("heldout", "cot_", "wall"))
         )
     )
-    tmp = os.path.join(cfg.out_dir, "metrics.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(tmp, os.path.join(cfg.out_dir, "metrics.json"))
     return metrics
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    run_cli()

