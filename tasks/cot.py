@@ -1,65 +1,54 @@
-"""Chain-of-thought in a random-number generator: does a scratchpad help a small transformer?
+"""Chain-of-thought in a random-number generator: does a scratchpad help where steps must compose?
 
-Task 1 trained a causal transformer to emit uniform numbers in [0, 100]. Here the same kind of model
-is asked for numbers from *request families*, some of whose requests it never saw in training:
+A small causal transformer answers requests for random numbers. Every request asks for
+x = a + U[0, P] + U[0, Q] (two independent uniform draws, shifted), given as the digits of a, P, Q:
 
-    uniform          a uniform number in [0, 100]              (the base case, no held-out requests)
-    range a b        a uniform number in [a, b]                (10% of the 5050 pairs held out)
-    dice m           the sum of two dice with faces 0..m       (6 of m = 1..50 held out)
-    even b           a uniform even number in [0, b]           (10 of b = 1..100 held out)
+    uniform m     a = 0, P = m, Q = 0    uniform on [0, m]                      m = 1..100
+    range a, n    a,     P = 0, Q = n    uniform on [a, a + n]                  a + n <= 100
+    dice m        a = 0, P = m, Q = m    the sum of two dice with faces 0..m    m = 1..50
 
-Two arms share everything: the architecture and parameter count, the initial weights, the training
-steps, the batches of requests. They differ only in the target sequence. The *direct* arm answers at
-once; the *chain-of-thought* (CoT) arm first writes a scratchpad, sampled token by token from its
-own distribution, that composes one simple random draw with exact digit arithmetic:
+Two arms share the architecture, the initial weights, the steps and the batches; only the target
+differs. The *direct* arm answers at once. The *chain-of-thought* (CoT) arm first writes a
+scratchpad, sampled from its own distribution: draw p ~ U[0, P], add it to a, draw q ~ U[0, Q],
+add it. Numbers are two tokens, tens first (the tens token runs to 10: 100 is "10 0"); a draw
+samples the tens digit, P(u1 = t) = |{u <= n : u // 10 = t}| / (n + 1), then the units.
 
-    range 23 71:  R 2 3 7 1 | 1 4 8 | 1 7 | 1 | = 4 0    borrow=[3<1], n=71-23=48,
-                                                       u~U[0,48] -> 17, carry=[3+7>=10], x=23+17
-    dice 12:      D 1 2 | 0 7 | 1 2 | 0 9 | 1 | = 1 6    u~U[0,12] -> 7, copy m, v -> 9, x=u+v
-    even 57:      E 5 7 | 2 8 | 1 3 | 0 | = 2 6          m=57//2=28, u~U[0,28] -> 13, x=2u
-    uniform:      U | 10 0 | 6 1 | = 6 1                 n=100, u~U[0,100] -> 61, x=u
+    direct:  a1 a0 P1 P0 Q1 Q0 ANS x1 x0 EOS
+    CoT:     a1 a0 P1 P0 | p1 p0 | c1 | s1 s0 | Q1 Q0 | q1 q0 | c2 | ANS x1 x0 EOS
+             c1 = [a0 + p0 >= 10], s = a + p, c2 = [s0 + q0 >= 10], x = s + q
+    dice 12: 0 0 1 2 | 0 7 | 0 | 0 7 | 1 2 | 0 9 | 1 | ANS 1 6 EOS      (p = 7, q = 9)
 
-Numbers are two tokens, tens then units; the tens token runs 0..10 so that 100 is "10 0". Every
-scratchpad token is either the one random step -- draw u ~ U[0, n] tens digit first,
-P(u1 = t) = |{u <= n : u // 10 = t}| / (n + 1) -- or a deterministic function of at most three
-earlier digits (a borrow, a digit of a difference or sum, a carry). That is the design choice that
-makes held-out requests reachable: a held-out pair (a, b) is new as a whole, but every digit
-combination that each scratchpad step depends on, and every bound n of the draw, was seen in
-training. The direct arm must instead map the whole request to a whole distribution at once,
-P(x1 | a, b) and P(x0 | a, b, x1), which for a held-out request is an unseen input.
+Every step has a fixed slot and is the same computation for every request, and the request gives
+Q only after p is drawn and added (causal attention hides what comes later), so a step's context is
+one that training shows. Two held-out splits are scored on the same models (training excludes both):
+- random: 10% of the range requests, 3 uniform and 3 dice requests with m <= 25. A held-out request
+  is an interior point of a smooth family, so the direct arm can interpolate.
+- systematic: every dice request with m > 25. No sum of two wide draws is ever seen, but every
+  step of one is: uniform requests teach the draw p for every bound, range requests the draw q and
+  every sum s + q. The CoT arm can compose the steps; the direct arm must extrapolate a triangle
+  it has seen only up to 0..50.
 
-Metrics, per family and split (seen / held-out requests), per arm, averaged over seeds: validity
-(the answer parses and satisfies the request), TV distance between each request's empirical answer
-distribution and its exact target (averaged over requests; unparseable answers count as mass off
-the target), and the plug-in entropy of the answers (nats). Both are estimated from `eval_samples`
-answers per request, so `..._tv_floor` and `..._entropy_ref` give the same statistic for exact
-samples from the target: what a perfect model would score. The training loss is reported beside its
-floor (the entropy of the random tokens per loss token): 0.445 nats for CoT, 0.899 for direct.
+Metrics, per family and split and arm, means over seeds: validity (the answer parses and satisfies
+the request) and the TV distance between each request's empirical answers and its exact target
+(unparseable answers count as mass off the target). TV from a finite sample is biased up, so
+`..._tv_floor` is what exact samples score; the systematic split reports TV minus that floor, from
+512 answers per request, for each seed, beside the bars of issue 13.
 
     python tasks/cot.py
     python tasks/cot.py --help
 
-It writes distributions.png (each family's answers with and without reasoning, against the target),
-tv_curve.png (held-out TV against training steps, both arms), comparison.md and metrics.json.
+At the defaults (3 seeds per arm, 1500 steps, 59k parameters; 335 CPU-seconds, about 190 s on 2
+idle cores), systematic held-out TV in excess of the floor: CoT 0.013 (every seed <= 0.015),
+direct 0.156 (0.106..0.184); CoT's validity 0.992. Random split, held-out TV: CoT 0.161, direct
+0.236 (floor 0.147).
 
-What the ablation found (defaults: 3 seeds per arm, 1500 steps, 59k parameters; 268 CPU-seconds,
-user+sys, so roughly 150 s wall on an idle 2-core CPU): the scratchpad wins on held-out requests,
-but narrowly, not clearly. Held-out TV, mean over the range, dice and even families: CoT 0.238 +-
-0.007, direct 0.247 +- 0.004 (std over seeds), where exact samples score 0.197 at 128 answers per
-request, so CoT's excess over that floor is 0.041 against 0.050. Held-out validity: 0.972 vs 0.962
-(range 0.970 vs 0.951, dice 0.987 vs 0.977, even 0.958 vs 0.957). The clearest gap is on seen range
-requests (validity 0.937 vs 0.831, TV 0.215 vs 0.310). The price is 8.7 generated tokens per answer
-against 3. Why the held-out gap is small: both arms fit their training data to within 0.02 nats of
-the loss floor, and a held-out request here is a random point in a smooth parameter space: range [a,
-b] looks almost like the seen [a, b + 1], so the direct arm can interpolate and does not need
-composition. The CoT arm's arithmetic is not exact at this budget either (range validity 0.97, not
-1.0); both arms share some errors (e.g. both put too little mass on 12 and 14 for "even in [0,
-14]").
+It writes distributions.png, config.json and metrics.json. Results, what the runs found and the
+layouts tried (those with family-specific steps did not compose): docs/cot.md.
 
 Reference: Nye et al. 2021, "Show Your Work: Scratchpads for Intermediate Computation with Language
-Models"; Wei et al. 2022, "Chain-of-Thought Prompting". Differences: a tiny model trained from
-scratch on synthetic scratchpads (no prompting of a pretrained model), and a random task, so the
-reasoning is sampled, not decoded greedily.
+Models"; Feng et al. 2023, "Towards Revealing the Mystery behind Chain of Thought". Differences: a
+tiny model trained from scratch on synthetic scratchpads, not a prompted pretrained model, and a
+random task, so the reasoning is sampled, not decoded greedily.
 """
 
 import contextlib
@@ -89,7 +78,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 # %% ---------------------------------------------------------------- helpers
-# fmt: off
 def option_error(name: str, value, allowed: str) -> ValueError:
     """The one-line message for a bad option, spelled as on the command line."""
     return ValueError(f"--{name.replace('_', '-')} {value}: {allowed}")
@@ -204,7 +192,6 @@ def shard_seeds(tree):
     return jax.device_put(
         tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
     )
-# fmt: on
 
 
 # %% ---------------------------------------------------------------- Config
@@ -223,161 +210,132 @@ class Config:
     learning_rate: float = 3e-3
     """peak AdamW learning rate (linear warm-up, cosine decay)"""
     num_seeds: int = 3
-    """independent models per arm, trained together with jax.vmap"""
+    """independent models per arm, trained together with jax.vmap (split over the devices)"""
     eval_requests: int = 6
-    """requests per family and split in the final evaluation"""
+    """random split: requests per family and split in the final evaluation"""
     eval_samples: int = 128
-    """answers sampled per request in the final evaluation"""
-    curve_points: int = 5
-    """evaluations of held-out TV during training (for the TV-vs-steps figure)"""
+    """random split: answers sampled per request"""
+    heldout_samples: int = 512
+    """systematic split: answers sampled per held-out request (all 25 of them)"""
     seed: int = 0
-    """seed for initial weights, batches and sampling (the request split is fixed)"""
+    """seed for initial weights, batches and sampling (the request splits are fixed)"""
     out_dir: str = "runs/cot"
-    """where figures and metrics.json are written"""
+    """where distributions.png, config.json and metrics.json are written"""
 
 
 PRESETS: dict[str, Config] = {"cpu": Config()}
+# The bars of issue 13, stored in metrics.json beside the results they bound.
+BARS = {
+    "systematic_heldout_tv_excess_ratio_ceiling": 0.5,  # CoT's excess / direct's, every seed
+    "systematic_heldout_validity_cot_target": 0.95,  # every seed: compare the _min
+    "num_seeds_target": 3,
+    "wall_time_s_ceiling": 240.0,  # at the defaults, on 2 idle CPU cores
+}
 
 
 # %% ---------------------------------------------------------------- Tokens and requests
-# Tokens 0..10 are digits (10 only ever as the tens digit of 100), then the markers.
-UNIF, RANGE, DICE, EVEN, ANS, EOS, PAD = 11, 12, 13, 14, 15, 16, 17
-VOCAB = 18
-FAMILIES = ("uniform", "range", "dice", "even")
-PROMPT_LEN = (1, 5, 3, 3)  # family token + the request's digits
-SCRATCH_LEN = (4, 6, 7, 5)
-ANSWER_LEN = 4  # ANS x1 x0 EOS
-SEQ_LEN = max(p + s for p, s in zip(PROMPT_LEN, SCRATCH_LEN)) + ANSWER_LEN  # 15
-DIRECT_LEN = max(PROMPT_LEN) + ANSWER_LEN  # 9
+# Tokens 0..10 are digits (10 only ever as the tens digit of 100), then two markers.
+ANS, EOS, VOCAB = 11, 12, 13
+FAMILIES, ARMS = ("uniform", "range", "dice"), ("cot", "direct")
+REQUEST_LEN, SEQ_LEN, DIRECT_LEN = 6, 18, 10  # the request's tokens: a1 a0 P1 P0 Q1 Q0
+# Where the request's tokens stand; the model writes every other token.
+GIVEN = {True: np.isin(np.arange(SEQ_LEN), [0, 1, 2, 3, 9, 10]), False: np.arange(DIRECT_LEN) < 6}
 SPLIT_SEED = 2024  # the held-out requests are the same for every run
 
 
 def all_requests(family: int) -> np.ndarray:
-    """Every request of a family as rows (family, a, b); unused parameters are 0."""
-    if family == 0:
-        return np.array([[0, 0, 100]])
-    if family == 1:
-        return np.array([[1, a, b] for a in range(101) for b in range(a + 1, 101)])
-    if family == 2:
-        return np.array([[2, m, 0] for m in range(1, 51)])
-    return np.array([[3, b, 0] for b in range(1, 101)])
+    """Every request of a family as rows (family, a, P, Q)."""
+    if family == 1:  # range [a, a + n]
+        return np.array([[1, a, 0, n] for a in range(100) for n in range(1, 101 - a)])
+    return np.array([[family, 0, m, m * (family == 2)] for m in range(1, 51 if family else 101)])
 
 
 def split_requests() -> dict[tuple[str, str], np.ndarray]:
-    """Fixed seen/held-out split: 10% of range pairs, 6 dice sizes and 10 even bounds held out."""
+    """Fixed splits. systematic: every dice request with m > 25. random: 505 range requests and
+    3 uniform and 3 dice requests with m <= 25. Training sees only the "seen" requests."""
     rng = np.random.default_rng(SPLIT_SEED)
-    out = {("uniform", "seen"): all_requests(0)}
-    for fam, num_held in ((1, 505), (2, 6), (3, 10)):
-        reqs = all_requests(fam)
+    out = {("dice", "systematic"): all_requests(2)[25:]}
+    for fam, num_held in ((0, 3), (1, 505), (2, 3)):
+        reqs = all_requests(fam)[: 25 if fam == 2 else None]
         held = np.zeros(len(reqs), bool)
-        held[rng.choice(len(reqs), num_held, replace=False)] = True
-        out[(FAMILIES[fam], "seen")] = reqs[~held]
-        out[(FAMILIES[fam], "heldout")] = reqs[held]
+        held[rng.choice(25 if fam != 1 else len(reqs), num_held, replace=False)] = True
+        out[(FAMILIES[fam], "seen")], out[(FAMILIES[fam], "heldout")] = reqs[~held], reqs[held]
     return out
 
 
-def draw_bound(requests: np.ndarray) -> np.ndarray:
-    """n such that the scratchpad draws u ~ U[0, n]: 100, b - a, m, or b // 2."""
-    fam, a, b = np.asarray(requests).T
-    return np.select([fam == 0, fam == 1, fam == 2], [100, b - a, a], a // 2)
-
-
-def build_sequences(requests: np.ndarray, u: np.ndarray, v: np.ndarray, cot: bool) -> np.ndarray:
-    """Token sequences: prompt, [scratchpad], ANS x1 x0 EOS, padded with PAD.  (N, T)
-
-    u and v are the random draws in [0, draw_bound]; v is used by dice only."""
-    fam, a, b = np.asarray(requests).T
-    out = np.full((len(fam), SEQ_LEN if cot else DIRECT_LEN), PAD)
-    d = lambda x: [x // 10, x % 10]  # a number is two tokens, tens first
-    for f in range(4):
-        i = fam == f
-        a_, b_, u_, v_, count = a[i], b[i], u[i], v[i], i.sum()
-        tok = lambda t, count=count: np.full(count, t)
-        if f == 0:  # uniform: n = 100, x = u
-            prompt, scratch, x = [tok(UNIF)], [tok(10), tok(0), *d(u_)], u_
-        elif f == 1:  # range: borrow = [b0 < a0], n = b - a, u, carry = [a0 + u0 >= 10], x = a + u
-            borrow, carry = b_ % 10 < a_ % 10, a_ % 10 + u_ % 10 >= 10
-            prompt = [tok(RANGE), *d(a_), *d(b_)]
-            scratch, x = [borrow, *d(b_ - a_), *d(u_), carry], a_ + u_
-        elif f == 2:  # dice: u, copy m, v, carry = [u0 + v0 >= 10], x = u + v
-            carry = u_ % 10 + v_ % 10 >= 10
-            prompt, scratch, x = [tok(DICE), *d(a_)], [*d(u_), *d(a_), *d(v_), carry], u_ + v_
-        else:  # even: m = b // 2, u, carry = [2 u0 >= 10], x = 2u
-            carry = 2 * (u_ % 10) >= 10
-            prompt, scratch, x = [tok(EVEN), *d(a_)], [*d(a_ // 2), *d(u_), carry], 2 * u_
-        cols = prompt + (scratch if cot else []) + [tok(ANS), *d(x), tok(EOS)]
-        out[i, : len(cols)] = np.stack(cols, axis=1)
-    return out
+def build_sequences(requests: np.ndarray, p: np.ndarray, q: np.ndarray, cot: bool) -> np.ndarray:
+    """Token sequences (N, SEQ_LEN or DIRECT_LEN) for draws p ~ U[0, P] and q ~ U[0, Q]."""
+    _, a, bound_p, bound_q = np.asarray(requests).T
+    digits = lambda x: [x // 10, x % 10]  # a number is two tokens, tens first
+    s, answer = a + p, [np.full_like(a, ANS), *digits(a + p + q), np.full_like(a, EOS)]
+    cols = [*digits(a), *digits(bound_p), *digits(bound_q), *answer]
+    if cot:  # see the module docstring for the layout
+        cols = [*digits(a), *digits(bound_p), *digits(p), a % 10 + p % 10 >= 10, *digits(s)]
+        cols += [*digits(bound_q), *digits(q), s % 10 + q % 10 >= 10, *answer]
+    return np.stack(cols, axis=1).astype(np.int32)
 
 
 def sample_sequences(requests: np.ndarray, rng: np.random.Generator, cot: bool) -> np.ndarray:
     """Draw the scratchpad's random numbers exactly, then write the sequences.  (N, T)"""
-    n = draw_bound(requests)
-    u, v = rng.integers(0, n + 1), rng.integers(0, n + 1)
-    return build_sequences(requests, u, v, cot)
+    _, _, bound_p, bound_q = np.asarray(requests).T
+    return build_sequences(
+        requests, rng.integers(0, bound_p + 1), rng.integers(0, bound_q + 1), cot
+    )
 
 
-def prompts(requests: np.ndarray, length: int) -> np.ndarray:
-    """Only the requests' prompts, padded with PAD to `length`.  (N, T)"""
-    zeros = np.zeros(len(requests), int)
-    seqs = build_sequences(requests, zeros, zeros, cot=False)[:, :length]
-    keep = np.arange(seqs.shape[1]) < np.asarray(PROMPT_LEN)[np.asarray(requests)[:, 0], None]
-    out = np.full((len(requests), length), PAD)
-    out[:, : seqs.shape[1]] = np.where(keep, seqs, PAD)
-    return out
-
-
-# %% ---------------------------------------------------------------- Parsing and targets
-def parse_answers(tokens: np.ndarray, prompt_len: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The answer after the first ANS the model wrote (-1 if none parses), and tokens generated."""
+def parse_answers(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The answer after the first ANS (-1 if none parses), and how many tokens the model wrote."""
     tokens = np.asarray(tokens)
     batch, length = tokens.shape
-    pos = np.arange(length)
-    is_ans = (tokens == ANS) & (pos[None] >= np.asarray(prompt_len)[:, None])
-    first = np.where(is_ans.any(1), is_ans.argmax(1), length)
+    first = np.where((tokens == ANS).any(1), (tokens == ANS).argmax(1), length)
     x1 = tokens[np.arange(batch), np.minimum(first + 1, length - 1)]
     x0 = tokens[np.arange(batch), np.minimum(first + 2, length - 1)]
     ok = (first + 2 < length) & (x1 <= 10) & (x0 <= 9) & (10 * x1 + x0 <= 100)
-    value = np.where(ok, 10 * x1 + x0, -1)
-    generated = np.minimum(first + 3, length) - np.asarray(prompt_len)
-    return value, generated
+    return np.where(ok, 10 * x1 + x0, -1), np.minimum(first + 3, length) - REQUEST_LEN
 
 
 def is_valid(requests: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Does answer x satisfy request (family, a, b)? x = -1 (unparseable) never does."""
-    fam, a, b = np.asarray(requests).T
-    in_range = [(x >= 0) & (x <= 100), (x >= a) & (x <= b), (x >= 0) & (x <= 2 * a)]
-    even = (x >= 0) & (x <= a) & (x % 2 == 0)
-    return np.select([fam == 0, fam == 1, fam == 2], in_range, even)
+    """Does answer x satisfy request (family, a, P, Q)? x = -1 (unparseable) never does."""
+    _, a, bound_p, bound_q = np.asarray(requests).T
+    return (x >= a) & (x <= a + bound_p + bound_q)
 
 
 def target_distribution(request: np.ndarray) -> np.ndarray:
-    """Exact answer distribution over 0..100 for one request (family, a, b).  (101,)"""
-    fam, a, b = request
-    x = np.arange(101)
-    if fam == 2:  # sum of two U[0, m]: triangular on [0, 2m]
-        p = np.maximum(a + 1 - np.abs(x - a), 0).astype(float)
-    else:
-        p = is_valid(np.repeat(np.asarray(request)[None], 101, 0), x).astype(float)
-    return p / p.sum()
+    """Exact distribution over 0..100 of a + U[0, P] + U[0, Q]: a convolution.  (101,)"""
+    _, a, bound_p, bound_q = request
+    p = np.convolve(np.ones(bound_p + 1), np.ones(bound_q + 1))  # dice: triangular on [0, 2m]
+    return np.concatenate([np.zeros(a), p, np.zeros(101 - a - len(p))]) / p.sum()
 
 
 # %% ---------------------------------------------------------------- Model
 class Block(nnx.Module):
+    """Pre-LN block, x + Attn(LN(x)) then x + MLP(LN(x)), with causal attention written out so
+    that sampling can cache keys and values: a new token attends to the cache, nothing is redone."""
+
     def __init__(self, d_model: int, n_heads: int, *, rngs: nnx.Rngs):
-        self.ln1 = nnx.LayerNorm(d_model, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(n_heads, d_model, decode=False, rngs=rngs)
-        self.ln2 = nnx.LayerNorm(d_model, rngs=rngs)
+        self.ln1, self.ln2 = nnx.LayerNorm(d_model, rngs=rngs), nnx.LayerNorm(d_model, rngs=rngs)
+        self.qkv = nnx.Linear(d_model, 3 * d_model, rngs=rngs)
+        self.proj = nnx.Linear(d_model, d_model, rngs=rngs)
         self.mlp1 = nnx.Linear(d_model, 4 * d_model, rngs=rngs)
         self.mlp2 = nnx.Linear(4 * d_model, d_model, rngs=rngs)
+        self.n_heads = n_heads
 
-    def __call__(self, x, mask):  # (B, T, D)
-        x = x + self.attn(self.ln1(x), mask=mask)
-        return x + self.mlp2(jax.nn.gelu(self.mlp1(self.ln2(x))))
+    def __call__(self, x, cache=None, start=0):  # x (B, T, D) at positions start..
+        B, T, D = x.shape
+        if cache is None:  # keys and values of all L positions: (2, B, L, heads, D / heads)
+            cache = jnp.zeros((2, B, T, self.n_heads, D // self.n_heads))
+        q, k, v = jnp.split(self.qkv(self.ln1(x)).reshape(B, T, 3 * self.n_heads, -1), 3, axis=2)
+        cache = jax.lax.dynamic_update_slice(cache, jnp.stack([k, v]), (0, 0, start, 0, 0))
+        # softmax(q k^T / sqrt(d_head)) v, where position i attends to positions j <= i only
+        scores = jnp.einsum("bthd,blhd->bhtl", q, cache[0]) / np.sqrt(D // self.n_heads)
+        causal = jnp.arange(cache.shape[2]) <= start + jnp.arange(T)[:, None]  # (T, L)
+        att = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+        x = x + self.proj(jnp.einsum("bhtl,blhd->bthd", att, cache[1]).reshape(B, T, D))
+        return x + self.mlp2(jax.nn.gelu(self.mlp1(self.ln2(x)))), cache
 
 
 class Transformer(nnx.Module):
-    """Pre-LN causal transformer with learned positions; both arms use SEQ_LEN positions."""
+    """Causal transformer with learned positions; both arms have SEQ_LEN positions."""
 
     def __init__(self, d_model: int, n_layers: int, n_heads: int, *, rngs: nnx.Rngs):
         self.tok = nnx.Embed(VOCAB, d_model, rngs=rngs)
@@ -386,13 +344,16 @@ class Transformer(nnx.Module):
         self.ln = nnx.LayerNorm(d_model, rngs=rngs)
         self.head = nnx.Linear(d_model, VOCAB, rngs=rngs)
 
-    def __call__(self, tokens):  # (B, T) -> (B, T, VOCAB)
-        x = self.tok(tokens) + self.pos(jnp.arange(tokens.shape[1]))
-        # Position i may attend to j <= i only: without this the model reads the answer it predicts.
-        mask = nnx.make_causal_mask(tokens)  # (B, 1, T, T)
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.head(self.ln(x))
+    def __call__(self, tokens, caches=None, start=0):  # (B, T) -> (B, T, VOCAB), caches
+        """Without caches: the whole sequence at once. With the caches of earlier calls (one per
+        block): tokens are positions start.. of a longer sequence."""
+        caches = [None] * len(self.blocks) if caches is None else caches
+        x = self.tok(tokens) + self.pos(start + jnp.arange(tokens.shape[1]))
+        new = []
+        for block, cache in zip(self.blocks, caches):
+            x, cache = block(x, cache, start)
+            new.append(cache)
+        return self.head(self.ln(x)), jnp.stack(new)
 
 
 def make_model_fns(cfg: Config):
@@ -400,270 +361,207 @@ def make_model_fns(cfg: Config):
     build = lambda key: Transformer(cfg.d_model, cfg.n_layers, cfg.n_heads, rngs=nnx.Rngs(key))
     graphdef, _ = nnx.split(build(jax.random.key(0)))
     init = lambda key: nnx.split(build(key))[1]
-    apply = lambda params, tokens: nnx.merge(graphdef, params)(tokens)
+    apply = lambda params, *args: nnx.merge(graphdef, params)(*args)
     return init, apply
 
 
 # %% ---------------------------------------------------------------- Loss and training
-def make_batches(seen: tuple, shape: tuple, rng: np.random.Generator, cot: bool):
-    """Batches of shape (..., batch): a uniform family, a uniform seen request of it, one sampled
-    sequence. Returns tokens (..., T) and the loss mask (..., T - 1)."""
-    table, counts = seen  # (4, R_max, 3), (4,)
-    fam = rng.integers(0, 4, shape).reshape(-1)
-    requests = table[fam, rng.integers(0, counts[fam])]
-    seqs = sample_sequences(requests, rng, cot)
-    # Loss on every token after the prompt, up to EOS (the scratchpad counts in the CoT arm).
-    t = np.arange(seqs.shape[1] - 1)
-    mask = (t[None] >= np.asarray(PROMPT_LEN)[fam][:, None] - 1) & (seqs[:, 1:] != PAD)
-    return seqs.reshape(*shape, -1), mask.reshape(*shape, -1)
+def seen_table() -> tuple[np.ndarray, np.ndarray]:
+    """Seen requests of each family stacked to one (families, R_max, 4) array, and their counts."""
+    reqs = [split_requests()[(f, "seen")] for f in FAMILIES]
+    r_max = max(len(r) for r in reqs)
+    return np.stack([np.resize(r, (r_max, 4)) for r in reqs]), np.array([len(r) for r in reqs])
 
 
-def make_train_chunk(apply, tx):
-    def loss_fn(params, seqs, mask):
-        logits = apply(params, seqs[:, :-1])
+def make_batches(seen: tuple, shape: tuple, rng: np.random.Generator, cot: bool) -> np.ndarray:
+    """(*shape, T): a uniform family, a uniform seen request of it, one sampled sequence."""
+    table, counts = seen
+    fam = rng.integers(0, len(FAMILIES), shape).reshape(-1)
+    seqs = sample_sequences(table[fam, rng.integers(0, counts[fam])], rng, cot)
+    return seqs.reshape(*shape, -1)
+
+
+def make_train_chunk(apply, tx, cot: bool):
+    written = ~GIVEN[cot][1:]  # next-token loss on every token the model writes
+
+    def loss_fn(params, seqs):
+        logits = apply(params, seqs[:, :-1])[0]
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, seqs[:, 1:])
-        return (nll * mask).sum() / mask.sum()
+        return (nll * written).sum() / (len(seqs) * written.sum())
 
-    def step(carry, batch):
+    def step(carry, seqs):
         params, opt_state = carry
-        seqs, mask = batch
-        loss, grads = jax.value_and_grad(loss_fn)(params, seqs, mask)
+        loss, grads = jax.value_and_grad(loss_fn)(params, seqs)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    def run(params, opt_state, seqs, mask):  # seqs (steps, batch, T)
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (seqs, mask))
+    def run(params, opt_state, seqs):  # seqs (steps, batch, T)
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), seqs)
         return params, opt_state, losses.mean()
 
     return jax.jit(jax.vmap(run))  # over seeds
 
 
-# %% ---------------------------------------------------------------- Sampling and evaluation
-def make_generate(apply, length: int):
-    """Autoregressive sampling: each position after the prompt is drawn from the model's own
-    next-token distribution (temperature 1) and fed back in."""
-
-    def generate(params, prompts, prompt_len, key):  # (N, T), (N,) -> (N, T)
-        def step(tokens, t_key):
-            t, k = t_key
-            logits = apply(params, tokens)[:, t]  # predicts position t + 1
-            nxt = jax.random.categorical(k, logits)
-            write = t + 1 >= prompt_len
-            return tokens.at[:, t + 1].set(jnp.where(write, nxt, tokens[:, t + 1])), None
-
-        steps = jnp.arange(length - 1)
-        tokens, _ = jax.lax.scan(step, prompts, (steps, jax.random.split(key, length - 1)))
-        return tokens
-
-    return jax.jit(jax.vmap(generate, in_axes=(0, None, None, 0)))  # over seeds
-
-
-def eval_sets(num_requests: int, heldout_only: bool = False) -> dict:
-    """Fixed evaluation requests per (family, split)."""
-    rng = np.random.default_rng(SPLIT_SEED + 1)
-    sets = {}
-    for (fam, split), reqs in split_requests().items():
-        if heldout_only and split != "heldout":
-            continue
-        pick = rng.choice(len(reqs), min(num_requests, len(reqs)), replace=False)
-        sets[(fam, split)] = reqs[np.sort(pick)]
-    return sets
-
-
-def answer_stats(requests: np.ndarray, answers: np.ndarray) -> tuple[float, float, float]:
-    """validity, mean TV to target, mean plug-in entropy; answers (R, S), -1 = unparseable."""
-    tvs, ents = [], []
-    for req, ans in zip(requests, answers):
-        counts = np.bincount(ans + 1, minlength=102)  # bin 0 holds the unparseable answers
-        p_hat = counts / counts.sum()
-        target = np.concatenate([[0.0], target_distribution(req)])
-        tvs.append(0.5 * np.abs(p_hat - target).sum())
-        nz = p_hat[p_hat > 0]
-        ents.append(-(nz * np.log(nz)).sum())
-    valid = is_valid(np.repeat(requests, answers.shape[1], 0), answers.reshape(-1)).mean()
-    return float(valid), float(np.mean(tvs)), float(np.mean(ents))
-
-
-GEN_BATCH = 768  # sequences per generate call: one compiled shape serves every evaluation
-
-
-def evaluate(generate, params, sets: dict, samples: int, key, length: int, num_seeds: int) -> dict:
-    """Sample `samples` answers per request with every seed's model. Returns, per (family, split),
-    the parsed answers (seeds, R, S) and the mean number of tokens generated per answer."""
-    flat = np.repeat(np.concatenate(list(sets.values())), samples, 0)
-    padded = np.resize(flat, (-(-len(flat) // GEN_BATCH) * GEN_BATCH, 3))  # whole blocks
-    all_prompts, plen = prompts(padded, length), np.asarray(PROMPT_LEN)[padded[:, 0]]
-    tokens = []
-    for i in range(0, len(padded), GEN_BATCH):
-        block = slice(i, i + GEN_BATCH)
-        keys = shard_seeds(jax.random.split(jax.random.fold_in(key, i), num_seeds))
-        out = generate(params, all_prompts[block], plen[block], keys)
-        tokens.append(np.asarray(out)[:num_seeds])
-    tokens = np.concatenate(tokens, axis=1)  # (seeds, N, T)
-    out, start = {}, 0
-    for name, reqs in sets.items():
-        stop = start + len(reqs) * samples
-        parsed = [parse_answers(tok[start:stop], plen[start:stop]) for tok in tokens]
-        answers = np.stack([p[0] for p in parsed]).reshape(num_seeds, len(reqs), samples)
-        out[name] = (answers, float(np.mean([p[1] for p in parsed])))
-        start = stop
-    return out
+def entropy(p: np.ndarray) -> float:
+    return float(-(p[p > 0] * np.log(p[p > 0])).sum())
 
 
 def loss_floor(cot: bool) -> float:
-    """The lowest training loss possible: the entropy of the random tokens per loss token, for the
-    uniform mix of families and their seen requests. The CoT arm's random tokens are its draws
-    (u, and v for dice); the direct arm's are its answer."""
+    """The lowest training loss: the entropy of the random tokens (the CoT arm's draws p and q,
+    the direct arm's answer) per token written, for the mix of families and seen requests."""
     table, counts = seen_table()
-    ent, tokens = [], []
-    for f in range(4):
-        reqs = table[f, : counts[f]]
-        if cot:
-            h = (1 + (f == 2)) * np.log(draw_bound(reqs) + 1.0)
-        else:
-            h = np.array(
-                [-(p[p > 0] * np.log(p[p > 0])).sum() for p in map(target_distribution, reqs)]
-            )
-        ent.append(h.mean())
-        tokens.append((SCRATCH_LEN[f] if cot else 0) + ANSWER_LEN)
-    return float(np.sum(ent) / np.sum(tokens))
-
-
-def reference_stats(requests: np.ndarray, samples: int, rng) -> tuple[float, float]:
-    """TV and entropy that exact samples from the target score with the same sample size."""
-    draws = np.stack([rng.choice(101, samples, p=target_distribution(r)) for r in requests])
-    _, tv, ent = answer_stats(requests, draws)
-    return tv, ent
-
-
-# %% ---------------------------------------------------------------- Training loop
-def seen_table() -> tuple[np.ndarray, np.ndarray]:
-    """Seen requests of each family stacked to one (4, R_max, 3) array, and their counts."""
-    sets = split_requests()
-    reqs = [sets[(f, "seen")] for f in FAMILIES]
-    r_max = max(len(r) for r in reqs)
-    return np.stack([np.resize(r, (r_max, 3)) for r in reqs]), np.array([len(r) for r in reqs])
+    ent = [
+        np.mean([entropy(target_distribution(r)) for r in table[f, : counts[f]]])
+        if not cot
+        else np.mean(np.log(table[f, : counts[f], 2:] + 1.0).sum(1))
+        for f in range(len(FAMILIES))
+    ]
+    return float(np.mean(ent) / (~GIVEN[cot]).sum())
 
 
 def train(cfg: Config, cot: bool, init, apply, pbar) -> tuple:
-    """Train num_seeds models of one arm together; returns params and the held-out TV curve."""
-    arm = "cot" if cot else "direct"
-    length = SEQ_LEN if cot else DIRECT_LEN
+    """Train num_seeds models of one arm together; returns their params, loss, training time."""
     warmup = max(1, min(200, cfg.steps // 10))
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, cfg.steps)
     tx = optax.adamw(schedule, weight_decay=0.01)
     # Both arms start from the same weights and see the same requests and draws (same seeds).
-    k_init, k_eval = jax.random.split(jax.random.key(cfg.seed))
+    params = jax.vmap(init)(jax.random.split(jax.random.key(cfg.seed), cfg.num_seeds))
     # The seed axis is split over every local device (padded to a multiple of the device count).
-    params = shard_seeds(jax.vmap(init)(jax.random.split(k_init, cfg.num_seeds)))
-    opt_state = jax.vmap(tx.init)(params)
-    rng = np.random.default_rng(cfg.seed)
-    seen = seen_table()
-    run_chunk, generate = make_train_chunk(apply, tx), make_generate(apply, length)
-    curve_sets = eval_sets(4, heldout_only=True)
-    chunk = cfg.steps // cfg.curve_points
-    curve = []  # (step, held-out TV per seed, averaged over families)
-
-    def curve_point(step: int) -> None:
-        key = jax.random.fold_in(k_eval, step)
-        res = evaluate(generate, params, curve_sets, 64, key, length, cfg.num_seeds)
-        tv = [
-            [answer_stats(curve_sets[n], ans[s])[1] for n, (ans, _) in res.items()]
-            for s in range(cfg.num_seeds)
-        ]
-        curve.append((step, np.mean(tv, axis=1)))
-
-    curve_point(0)
-    train_time = 0.0  # seconds in the training chunks only (not the curve's evaluations)
-    for i in range(cfg.curve_points):
+    params, opt_state = shard_seeds((params, jax.vmap(tx.init)(params)))
+    rng, seen, run_chunk = (
+        np.random.default_rng(cfg.seed),
+        seen_table(),
+        make_train_chunk(apply, tx, cot),
+    )
+    done, train_time = 0, 0.0
+    for chunk in np.array_split(np.arange(cfg.steps), min(5, cfg.steps)):  # 5 log lines
         tic = time.perf_counter()
-        batch = make_batches(seen, (cfg.num_seeds, chunk, cfg.batch_size), rng, cot)
-        params, opt_state, loss = run_chunk(params, opt_state, *shard_seeds(batch))
+        seqs = make_batches(seen, (cfg.num_seeds, len(chunk), cfg.batch_size), rng, cot)
+        params, opt_state, loss = run_chunk(params, opt_state, shard_seeds(seqs))
         loss = np.asarray(loss)[: cfg.num_seeds]  # each seed's mean loss over the chunk
-        train_time += time.perf_counter() - tic
+        train_time, done = train_time + time.perf_counter() - tic, done + len(chunk)
         if not np.isfinite(loss).all():
             raise FloatingPointError(
-                f"training diverged at step {(i + 1) * chunk}: loss is {loss}; "
-                "try a smaller --learning-rate"
+                f"training diverged at step {done}: loss is {loss}; try a smaller --learning-rate"
             )
-        curve_point((i + 1) * chunk)
         pbar.update(1)
-        tqdm.write(
-            f"arm={arm} step={(i + 1) * chunk} loss={float(loss.mean()):.4f} "
-            f"heldout_tv={float(curve[-1][1].mean()):.3f}"
+        tqdm.write(f"arm={ARMS[not cot]} step={done} loss={loss.mean():.4f}")
+    return params, float(loss.mean()), train_time
+
+
+# %% ---------------------------------------------------------------- Sampling and evaluation
+def make_generate(apply, cot: bool, cfg: Config):
+    """Autoregressive sampling with a key-value cache: each token the model writes is drawn from
+    its next-token distribution (temperature 1) and fed back in; request tokens are copied in."""
+    given, length = GIVEN[cot], len(GIVEN[cot])
+    start = int(np.argmin(given))  # the first token the model writes
+
+    def generate(params, request, key):  # (N, length), request tokens in place -> (N, length - 1)
+        head = (cfg.n_heads, cfg.d_model // cfg.n_heads)
+        caches = jnp.zeros((cfg.n_layers, 2, len(request), length, *head))
+        logits, caches = apply(params, request[:, :start], caches, 0)
+
+        def step(carry, t_key):  # write token t, then run it to get token t + 1's logits
+            (logits, caches), (t, k) = carry, t_key
+            sampled = jax.random.categorical(k, logits)
+            token = jnp.where(jnp.asarray(given)[t], request[:, t], sampled)
+            logits, caches = apply(params, token[:, None], caches, t)
+            return (logits[:, -1], caches), token
+
+        ts = jnp.arange(start, length - 1)  # EOS is not needed to parse the answer
+        keys = jax.random.split(key, len(ts))
+        _, tokens = jax.lax.scan(step, (logits[:, -1], caches), (ts, keys))
+        return jnp.concatenate([request[:, :start], tokens.T], axis=1)
+
+    return jax.jit(jax.vmap(generate, in_axes=(0, None, 0)))  # over seeds
+
+
+GEN_BATCH = 1024  # sequences per generate call: one compiled shape serves every evaluation
+
+
+def evaluate(generate, params, sets: dict, samples: int, key, cfg: Config, cot: bool) -> dict:
+    """`samples` answers per request from every seed's model: per set, the answers
+    (seeds, requests, samples) and the mean number of tokens the model wrote per answer."""
+    flat = np.repeat(np.concatenate(list(sets.values())), samples, 0)
+    flat = np.resize(flat, (-(-len(flat) // GEN_BATCH) * GEN_BATCH, 4))  # whole blocks
+    requests = build_sequences(flat, 0 * flat[:, 0], 0 * flat[:, 0], cot)
+    tokens = []
+    for i in range(0, len(flat), GEN_BATCH):
+        keys = shard_seeds(jax.random.split(jax.random.fold_in(key, i), cfg.num_seeds))
+        out = generate(params, requests[i : i + GEN_BATCH], keys)
+        tokens.append(np.asarray(out)[: cfg.num_seeds])  # drop the seeds shard_seeds padded
+    tokens, out, start = np.concatenate(tokens, axis=1), {}, 0  # (seeds, N, T)
+    for name, reqs in sets.items():
+        stop = start + len(reqs) * samples
+        answers, written = zip(*(parse_answers(tok[start:stop]) for tok in tokens))
+        out[name] = (np.reshape(answers, (cfg.num_seeds, len(reqs), samples)), np.mean(written))
+        start = stop
+    return out
+
+
+def answer_stats(requests: np.ndarray, answers: np.ndarray) -> np.ndarray:
+    """(validity, mean TV to the target, mean plug-in entropy); answers (R, S), -1 = unparseable."""
+    tvs, ents = [], []
+    for req, ans in zip(requests, answers):
+        p_hat = np.bincount(ans + 1, minlength=102) / len(ans)  # bin 0: unparseable answers
+        tvs.append(0.5 * np.abs(p_hat - np.append(0.0, target_distribution(req))).sum())
+        ents.append(entropy(p_hat))
+    valid = is_valid(np.repeat(requests, answers.shape[1], 0), answers.reshape(-1)).mean()
+    return np.array([valid, np.mean(tvs), np.mean(ents)])
+
+
+def reference_stats(requests: np.ndarray, samples: int, rng, reps: int = 4) -> np.ndarray:
+    """answer_stats of exact samples from the targets, same sample size, mean of `reps` draws:
+    the floor of the TV estimator and the entropy a perfect model would score."""
+    draws = lambda: np.stack([rng.choice(101, samples, p=target_distribution(r)) for r in requests])
+    return np.mean([answer_stats(requests, draws()) for _ in range(reps)], axis=0)
+
+
+def eval_sets(num_requests: int) -> dict:
+    """Fixed evaluation requests per (family, split) of the random split."""
+    rng, sets = np.random.default_rng(SPLIT_SEED + 1), {}
+    for (fam, split), reqs in split_requests().items():
+        if split != "systematic":
+            pick = rng.choice(len(reqs), min(num_requests, len(reqs)), replace=False)
+            sets[(fam, split)] = reqs[np.sort(pick)]
+    return sets
+
+
+def split_metrics(sets: dict, results: dict, samples: int, rng) -> dict:
+    """Per set and arm: validity, TV and entropy per seed, and the exact-sample reference."""
+    out = {}
+    for name, reqs in sets.items():
+        for arm in ARMS:
+            out[name, arm] = np.array([answer_stats(reqs, a) for a in results[arm][name][0]])
+        out[name, "ref"] = reference_stats(reqs, samples, rng)
+    return out
+
+
+# %% ---------------------------------------------------------------- Figure
+def plot_distributions(sets: dict, results: dict, path: pathlib.Path) -> None:
+    """Top: systematic held-out dice requests. Bottom: a random held-out request per family."""
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    system = sets[("dice", "systematic")]
+    panels = [(("dice", "systematic"), i) for i in (0, len(system) // 2, len(system) - 1)]
+    for ax, (name, i) in zip(axes.flat, panels + [((f, "heldout"), 0) for f in FAMILIES]):
+        _, a, bound_p, bound_q = req = sets[name][i]
+        ax.step(
+            np.arange(101), target_distribution(req), where="mid", color="k", lw=2, label="target"
         )
-    return params, generate, curve, float(loss.mean()), train_time
-
-
-# %% ---------------------------------------------------------------- Figures
-def plot_distributions(sets: dict, results: dict, path: str) -> None:
-    """One panel per family: answers with and without reasoning on one request, vs the target."""
-    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
-    for ax, fam in zip(axes.flat, FAMILIES):
-        split = "seen" if fam == "uniform" else "heldout"
-        req = sets[(fam, split)][0]
-        x = np.arange(101)
-        ax.step(x, target_distribution(req), where="mid", color="k", lw=2, label="target")
-        for arm, color in (("cot", "tab:blue"), ("direct", "tab:orange")):
-            answers = results[arm][(fam, split)][0][:, 0].reshape(-1)  # all seeds, request 0
+        for arm, color in zip(ARMS, ("tab:blue", "tab:orange")):
+            answers = results[arm][name][0][:, i].reshape(-1)  # all seeds pooled
             freq = np.bincount(answers + 1, minlength=102)[1:] / len(answers)
-            bad = np.mean(answers < 0)
-            label = f"{arm} (unparseable {bad:.0%})" if bad > 0 else arm
-            ax.step(x, freq, where="mid", color=color, alpha=0.8, label=label)
-        what = {
-            "uniform": "uniform 0..100",
-            "range": f"range [{req[1]}, {req[2]}]",
-            "dice": f"dice, faces 0..{req[1]}",
-            "even": f"even in [0, {req[1]}]",
-        }[fam]
-        ax.set_title(f"{what} ({'held-out' if split == 'heldout' else 'seen'} request)")
-        ax.set_xlabel("answer")
-        ax.set_ylabel("probability")
+            label = f"{arm} (unparseable {np.mean(answers < 0):.0%})"
+            ax.step(np.arange(101), freq, where="mid", color=color, alpha=0.8, label=label)
+        what = {"uniform": f"uniform [0, {bound_p}]", "range": f"range [{a}, {a + bound_q}]"}
+        split = "random" if name[1] == "heldout" else name[1]
+        title = what.get(name[0], f"dice, faces 0..{bound_p}") + f" ({split} held-out)"
+        ax.set(title=title, xlabel="answer", ylabel="probability")
         ax.legend(fontsize=8)
-    fig.suptitle("Answer distributions with (cot) and without (direct) a scratchpad, all seeds")
+    fig.suptitle("Answers with (cot) and without (direct) a scratchpad, all seeds pooled")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def plot_tv_curve(curves: dict, floor: float, path: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm, color in (("cot", "tab:blue"), ("direct", "tab:orange")):
-        steps = np.array([s for s, _ in curves[arm]])
-        tv = np.stack([t for _, t in curves[arm]])  # (points, seeds)
-        ax.plot(steps, tv, color=color, alpha=0.3, lw=1)
-        ax.plot(steps, tv.mean(1), color=color, lw=2.5, label=f"{arm} (mean of seeds)")
-    ax.axhline(floor, color="k", ls="--", lw=1, label="exact samples (estimator floor)")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("held-out TV distance (mean over families)")
-    ax.set_title("Held-out requests: TV to the target during training (64 answers/request)")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def comparison_table(metrics: dict) -> str:
-    """The ablation as a markdown table: one row per family and split, both arms side by side."""
-    rows = [
-        "| family | split | validity cot / direct | TV cot / direct (floor) "
-        "| entropy cot / direct (ref) |",
-        "|---|---|---|---|---|",
-    ]
-    for fam in FAMILIES:
-        for split in ("seen", "heldout"):
-            k = f"{fam}_{split}"
-            if f"{k}_cot_tv" not in metrics:
-                continue
-            v = lambda name, k=k: (
-                f"{metrics[f'{k}_cot_{name}']:.3f} / {metrics[f'{k}_direct_{name}']:.3f}"
-            )
-            rows.append(
-                f"| {fam} | {split} | {v('validity')} | {v('tv')} ({metrics[f'{k}_tv_floor']:.3f}) "
-                f"| {v('entropy')} ({metrics[f'{k}_entropy_ref']:.2f}) |"
-            )
-    return "\n".join(rows) + "\n"
 
 
 # %% ---------------------------------------------------------------- Main
@@ -671,17 +569,55 @@ def validate(cfg: Config) -> None:
     """Every option finite and in range, and the cross-field constraints, before any work."""
     for name in ("steps", "batch_size", "d_model", "n_layers", "n_heads", "num_seeds"):
         check_number(cfg, name, 1)
-    for name in ("eval_requests", "eval_samples", "curve_points"):
+    for name in ("eval_requests", "eval_samples", "heldout_samples"):
         check_number(cfg, name, 1)
     check_number(cfg, "learning_rate", 0, 1, low_open=True)
     check_number(cfg, "seed", 0, 2**32, high_open=True)
     if cfg.d_model % cfg.n_heads:
         raise option_error("d_model", cfg.d_model, f"must be divisible by --n-heads {cfg.n_heads}")
-    if cfg.steps % cfg.curve_points:
-        raise option_error(
-            "steps", cfg.steps, f"must be a multiple of --curve-points {cfg.curve_points}"
-        )
     check_out_dir(cfg.out_dir)
+
+
+def summarize(stats: dict, sets: dict) -> dict:
+    """metrics.json's results: the random split per family, its held-out means, the systematic
+    split per seed (TV in excess of the floor, validity) with the bars beside."""
+    m, held = {}, {}
+    for (fam, split), reqs in sets.items():
+        if split == "systematic":
+            continue
+        ref = stats[(fam, split), "ref"]
+        for arm in ARMS:
+            per_seed = stats[(fam, split), arm]  # (seeds, 3): validity, tv, entropy
+            for col, what in enumerate(("validity", "tv", "entropy")):
+                m[f"{fam}_{split}_{arm}_{what}"] = per_seed[:, col].mean()
+            m[f"{fam}_{split}_{arm}_tv_std"] = per_seed[:, 1].std()
+            if split == "heldout":
+                held.setdefault(arm, []).append(per_seed)
+        m[f"{fam}_{split}_tv_floor"], m[f"{fam}_{split}_entropy_ref"] = ref[1], ref[2]
+        m[f"{fam}_{split}_entropy_target"] = np.mean(
+            [entropy(target_distribution(r)) for r in reqs]
+        )
+    for arm, per_family in held.items():
+        per_seed = np.mean(per_family, axis=0)  # mean over families, per seed
+        for col, what in ((0, "validity"), (1, "tv")):
+            m[f"heldout_{what}_{arm}"] = per_seed[:, col].mean()
+            m[f"heldout_{what}_{arm}_std"] = per_seed[:, col].std()
+    m["heldout_tv_floor"] = np.mean([m[f"{f}_heldout_tv_floor"] for f in FAMILIES])
+    name, excess = ("dice", "systematic"), {}
+    m["systematic_heldout_tv_floor"] = floor = stats[name, "ref"][1]
+    for arm in ARMS:
+        excess[arm], validity = stats[name, arm][:, 1] - floor, stats[name, arm][:, 0]
+        m[f"systematic_heldout_tv_{arm}"] = stats[name, arm][:, 1].mean()
+        for what, per_seed in (("tv_excess", excess[arm]), ("validity", validity)):
+            m[f"systematic_heldout_{what}_{arm}"] = per_seed.mean()
+            m[f"systematic_heldout_{what}_{arm}_min"] = per_seed.min()
+            m[f"systematic_heldout_{what}_{arm}_max"] = per_seed.max()
+    # The bar "CoT's excess <= half the direct arm's, for every seed" as the worst seed's ratio
+    # (1e-6 stands in for a direct excess <= 0, which would make the ratio infinite or negative).
+    ratio = excess["cot"] / np.maximum(excess["direct"], 1e-6)
+    m["systematic_heldout_tv_excess_ratio_max"] = ratio.max()
+    m["systematic_heldout_requests"] = len(sets[name])
+    return {k: float(v) for k, v in m.items()}
 
 
 def main(cfg: Config) -> dict:
@@ -689,81 +625,49 @@ def main(cfg: Config) -> dict:
     validate(cfg)
     init, apply = make_model_fns(cfg)
     sets = eval_sets(cfg.eval_requests)
-    results, curves, tokens, losses, train_time = {}, {}, {}, {}, 0.0
-    pbar = tqdm(total=2 * cfg.curve_points, desc="chunks", disable=None)
-    for cot in (True, False):
-        arm = "cot" if cot else "direct"
-        params, generate, curves[arm], losses[arm], secs = train(cfg, cot, init, apply, pbar)
-        train_time += secs
-        key, length = jax.random.fold_in(jax.random.key(cfg.seed), 7), (DIRECT_LEN, SEQ_LEN)[cot]
-        results[arm] = evaluate(
-            generate, params, sets, cfg.eval_samples, key, length, cfg.num_seeds
+    system = {("dice", "systematic"): split_requests()[("dice", "systematic")]}
+    results, losses, written, train_time = {}, {}, {}, 0.0
+    pbar = tqdm(total=2 * min(5, cfg.steps), desc="chunks", disable=None)
+    for cot, arm in zip((True, False), ARMS):
+        params, losses[arm], secs = train(cfg, cot, init, apply, pbar)
+        generate, key = (
+            make_generate(apply, cot, cfg),
+            jax.random.fold_in(jax.random.key(cfg.seed), 7),
         )
-        tokens[arm] = float(np.mean([t for _, t in results[arm].values()]))
+        results[arm] = evaluate(generate, params, sets, cfg.eval_samples, key, cfg, cot)
+        written[arm] = float(np.mean([w for _, w in results[arm].values()]))
+        key = jax.random.fold_in(key, 1)
+        results[arm] |= evaluate(generate, params, system, cfg.heldout_samples, key, cfg, cot)
+        train_time += secs
     pbar.close()
-    num_params = sum(x.size for x in jax.tree.leaves(init(jax.random.key(0))))
-
+    rng = np.random.default_rng(cfg.seed)
+    stats = split_metrics(sets, results, cfg.eval_samples, rng)
+    stats |= split_metrics(system, results, cfg.heldout_samples, rng)
     metrics: dict = {
         "task": "cot",
         "seed": cfg.seed,
         "num_seeds": cfg.num_seeds,
-        "num_params": int(num_params),
+        "num_params": int(sum(x.size for x in jax.tree.leaves(init(jax.random.key(0))))),
         "steps": cfg.steps,
         "preset": getattr(cfg, "preset", "cpu"),
         **device_info(),
-        # training steps per second, counting every seed of both arms (compilation included)
+        # training steps per second, every seed of both arms counted (compilation included)
         "throughput": 2 * cfg.steps * cfg.num_seeds / train_time,
         "throughput_unit": "model-steps/s",
+        **summarize(stats, sets | system),
+        "systematic_heldout_samples": cfg.heldout_samples,
+        **BARS,
     }
-    rng = np.random.default_rng(cfg.seed)
-    agg: dict = {}
-    for (fam, split), reqs in sets.items():
-        tv_ref, ent_ref = reference_stats(reqs, cfg.eval_samples, rng)
-        for arm in ("cot", "direct"):
-            answers = results[arm][(fam, split)][0]
-            stats = np.array([answer_stats(reqs, a) for a in answers])  # (seeds, 3)
-            for name, value in zip(("validity", "tv", "entropy"), stats.mean(0)):
-                metrics[f"{fam}_{split}_{arm}_{name}"] = float(value)
-            metrics[f"{fam}_{split}_{arm}_tv_std"] = float(stats[:, 1].std())
-            if split == "heldout":
-                agg.setdefault(f"tv_{arm}", []).append(stats[:, 1])
-                agg.setdefault(f"validity_{arm}", []).append(stats[:, 0])
-        metrics[f"{fam}_{split}_tv_floor"] = tv_ref
-        metrics[f"{fam}_{split}_entropy_ref"] = ent_ref
-        metrics[f"{fam}_{split}_entropy_target"] = float(
-            np.mean([-(p[p > 0] * np.log(p[p > 0])).sum() for p in map(target_distribution, reqs)])
-        )
-    for name, per_family in agg.items():
-        per_seed = np.mean(per_family, axis=0)  # mean over families, per seed
-        metrics[f"heldout_{name}"] = float(per_seed.mean())
-        metrics[f"heldout_{name}_std"] = float(per_seed.std())
-    metrics["heldout_tv_floor"] = float(
-        np.mean([metrics[f"{f}_heldout_tv_floor"] for f in FAMILIES[1:]])
-    )
-    for arm in ("cot", "direct"):  # training loss (last chunk's mean) against its floor
+    for arm in ARMS:  # training loss (last chunk's mean) against its floor
         metrics[f"{arm}_train_loss"] = losses[arm]
         metrics[f"{arm}_train_loss_floor"] = loss_floor(arm == "cot")
-    metrics["cot_tokens_per_answer"] = tokens["cot"]
-    metrics["direct_tokens_per_answer"] = tokens["direct"]
-
-    curve_floor = float(
-        np.mean([reference_stats(r, 64, rng)[0] for r in eval_sets(4, heldout_only=True).values()])
-    )
-    table = comparison_table(metrics)
-    tqdm.write(table)
+        metrics[f"{arm}_tokens_per_answer"] = written[arm]
     with staged_run(cfg.out_dir) as out:
-        plot_distributions(sets, results, out / "distributions.png")
-        plot_tv_curve(curves, curve_floor, out / "tv_curve.png")
-        (out / "comparison.md").write_text(table)
+        plot_distributions(sets | system, results, out / "distributions.png")
         metrics["wall_time_s"] = float(time.perf_counter() - start_time)
         write_metrics(out, cfg, metrics)
-    print(
-        " ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in metrics.items()
-            if k.startswith(("heldout", "cot_", "wall"))
-        )
-    )
+    keys = ("heldout_tv", "heldout_validity", "systematic_heldout_tv_excess", "wall")
+    print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith(keys)))
     return metrics
 
 
