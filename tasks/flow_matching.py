@@ -109,7 +109,8 @@ def check_out_dir(out_dir: str) -> None:
     path = pathlib.Path(out_dir).resolve()
     if path.exists() and not path.is_dir():
         raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
-    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").exists():
+    is_run = (path / "config.json").exists() or (path / "metrics.json").exists()
+    if path.is_dir() and any(path.iterdir()) and not is_run:
         raise option_error(
             "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
         )
