@@ -36,10 +36,13 @@ Usage
     python tasks/shakespeare_ppo.py
     python tasks/shakespeare_ppo.py --help
 
-Expected result (defaults, 3 PPO seeds from one reference policy): PPO raises the task reward
-R from about -5.8 (reference) to -5.2; the results table, the independent judge's verdict,
-samples side by side and what the runs found are on docs/shakespeare_ppo.md. The run writes
-metrics.json, reward_curve.png and samples.txt into runs/shakespeare_ppo/.
+Expected result (defaults, 3 PPO seeds from one reference policy; a few minutes on 2 cores):
+the task reward goes from -5.75 (reference) to -5.15 +- 0.04, nearly all of it in the LM term;
+the independent judge (SmolLM2 log-prob per token) from -6.85 to -6.38 +- 0.04, where real
+held-out couplets score -6.02; the longest span copied from the training text stays short (4 to
+5 words) and distinct-2 falls from 0.69 to 0.57. The reference sampled at T ~ 0.85 (the same
+distinct-2, no training) scores as well: here PPO mostly sharpens pi_ref. Table, samples side
+by side and findings: docs/shakespeare_ppo.md. Outputs go to runs/shakespeare_ppo/.
 
 Differences from the papers
 ---------------------------
@@ -79,7 +82,7 @@ import optax
 import torch
 import tyro
 from flax import nnx
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -196,6 +199,16 @@ def run_cli() -> dict:
     except (FloatingPointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def save_figure(fig, path) -> None:
+    """Save a figure into the run's folder and close it; in a notebook, also show it inline."""
+    fig.savefig(path, dpi=120)
+    if "ipykernel" in sys.modules:
+        from IPython.display import display
+
+        display(fig)
+    plt.close(fig)
 
 
 def device_info() -> dict:
@@ -751,24 +764,34 @@ def judge_stats(judge: tuple, texts: list[str], batch: int = 16) -> dict:
     }
 
 
+@partial(jax.jit, static_argnums=0)
+def score_verses(graphdef, models: dict, ref_params, params, tokens: jax.Array, temp) -> dict:
+    """The JAX-side metrics of one sample of verses, compiled once per policy kind."""
+    valid = valid_mask(tokens)
+    logits = None if params is None else nnx.merge(graphdef, params)(tokens) / temp
+    heldout_ll = (ngram_logprobs(models["heldout_ngram"], tokens) * valid).sum() / valid.sum()
+    lm, metre = reward_parts(models["reward_ngram"], models["syllables"], tokens)
+    return {
+        "reward": (lm + metre).mean(),
+        "reward_lm": lm.mean(),
+        "reward_metre": metre.mean(),
+        "heldout_ppl": jnp.exp(-heldout_ll),
+        "kl_to_reference": kl_to_reference(graphdef, ref_params, tokens, logits),
+        "length": valid.sum(1).mean(),
+    }
+
+
 def evaluate_policy(data: dict, judge: tuple, graphdef, ref_params, tokens, params, temp=1.0):
     """Every evaluation metric of one sample of verses (params None: the random policy, which the
     judge reads only JUDGE_RANDOM verses of: long word salad, and only a floor for the judge)."""
-    syllables, valid = data["syllables"], valid_mask(tokens)
-    logits = None if params is None else nnx.merge(graphdef, params)(tokens) / temp
-    heldout_ll = (ngram_logprobs(data["heldout_ngram"], tokens) * valid).sum() / valid.sum()
-    lm, metre = reward_parts(data["reward_ngram"], syllables, tokens)
+    models = {k: data[k] for k in ["heldout_ngram", "reward_ngram", "syllables"]}
+    scores = score_verses(graphdef, models, ref_params, params, tokens, temp)
     words = [verse_words(row, data["vocab"]) for row in np.asarray(tokens)]
     copies = [longest_copy(w, data["train_ids"], data["train_index"]) for w in words]
     judged = words[:JUDGE_RANDOM] if params is None else words
     scored = judge_stats(judge, [words_to_text(w) for w in judged])
     return {
-        "reward": float((lm + metre).mean()),
-        "reward_lm": float(lm.mean()),
-        "reward_metre": float(metre.mean()),
-        "heldout_ppl": float(jnp.exp(-heldout_ll)),
-        "kl_to_reference": float(kl_to_reference(graphdef, ref_params, tokens, logits)),
-        "length": float(valid.sum(1).mean()),
+        **{k: float(v) for k, v in scores.items()},
         **text_metrics(np.asarray(tokens), data["corpus_bigrams"]),
         "judge": scored["judge"],
         "judge_sem": scored["judge_sem"],
@@ -812,8 +835,7 @@ def plot_reward_curve(history: dict, metrics: dict, path: pathlib.Path) -> None:
     axes[2].set_ylabel("SmolLM2 log-prob per token (nats)")
     axes[2].set_title("Independent judge (bars: std over seeds, or SEM)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # %% Main ---------------------------------------------------------------------------------------
@@ -937,7 +959,7 @@ def main(cfg: Config) -> dict:
     m["judge_gain_target"] = m["judge_ppo_std"]  # the gain must exceed the spread over seeds
     m["judge_gain_over_cooled"] = m["judge_ppo"] - m["judge_cooled"]  # no bar: a finding
     # PPO may copy spans as long as the reference's, or up to COPY_WORDS_OK words in any case.
-    m["ppo_longest_copy_words_target"] = max(m["reference_longest_copy_words"], COPY_WORDS_OK)
+    m["ppo_longest_copy_words_ceiling"] = max(m["reference_longest_copy_words"], COPY_WORDS_OK)
     m["ppo_gain_over_reference"] = m["ppo_reward"] - m["reference_reward"]
     m["ppo_gain_over_reference_target"] = m["ppo_reward_std"]
     m["ppo_distinct2_floor"] = m["ppo_distinct2_target"] = 0.5
@@ -948,7 +970,7 @@ def main(cfg: Config) -> dict:
     with staged_run(cfg.out_dir) as out:
         (out / "samples.txt").write_text("\n".join(text))
         plot_reward_curve(history, m, out / "reward_curve.png")
-        m["wall_time_s"], m["wall_time_s_target"] = time.time() - start, 300.0
+        m["wall_time_s"], m["wall_time_s_ceiling"] = time.time() - start, 300.0  # on 2 idle cores
         shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
         print(" ".join(shown))
         write_metrics(out, cfg, m)

@@ -42,7 +42,7 @@ REQUIRED = {
     "load_mnist": ["scaling_laws", "optimization", "interpret"],
     "SONNETS_SHA256": ["shakespeare_ppo", "llama3_sft"],
     "read_sonnets_text": ["shakespeare_ppo", "llama3_sft"],
-    "shard_seeds": ["cot", "hdqn", "shakespeare_ppo"],
+    "shard_seeds": ["cot", "hdqn", "bmg", "shakespeare_ppo"],
 }
 
 

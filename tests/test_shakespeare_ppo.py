@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import shakespeare_ppo as sp
+import torch
 from flax import nnx
 
 
@@ -249,9 +250,16 @@ def strict_json(text: str) -> dict:
     return json.loads(text, parse_constant=refuse)
 
 
-def test_shakespeare_ppo_mini_run_writes_whole_folder(tmp_path):
+def shakespeare_ppo_stub_judge(judge, texts):
+    """Stands in for SmolLM2 in the mini run (the judge has its own test below)."""
+    return {"judge": -5.0 - len(texts) / 100, "judge_sem": 0.1, "per_verse": np.zeros(len(texts))}
+
+
+def test_shakespeare_ppo_mini_run_writes_whole_folder(tmp_path, monkeypatch):
     """Two pretraining steps and one PPO iteration: every file is written, metrics are strict
-    JSON with the device, the issue's metric names and each bar as a _target."""
+    JSON with the device, the issue's metric names and each bar as a _target or _ceiling."""
+    monkeypatch.setattr(sp, "load_judge", lambda: None)
+    monkeypatch.setattr(sp, "judge_stats", shakespeare_ppo_stub_judge)
     out = tmp_path / "run"
     returned = sp.main(sp.Config(**MINI, out_dir=str(out)))
     assert sorted(p.name for p in out.iterdir()) == [
@@ -263,12 +271,27 @@ def test_shakespeare_ppo_mini_run_writes_whole_folder(tmp_path):
     names += ["ppo_longest_copy_words", "reference_longest_copy_words", "ppo_distinct2"]
     names += [f"reward_{p}_{n}" for p in ("lm", "metre") for n in ("ppo", "reference")]
     names += ["device", "num_devices", "preset", "throughput", "throughput_unit", "wall_time_s"]
-    names += ["judge_gain_target", "ppo_longest_copy_words_target", "ppo_distinct2_target"]
+    names += ["judge_gain_target", "ppo_longest_copy_words_ceiling", "ppo_distinct2_target"]
     assert not [n for n in names if n not in metrics]
     assert metrics["num_devices"] == jax.device_count() and metrics["num_seeds"] == 2
     for name in ["ppo", "reference"]:
         total = metrics[f"reward_lm_{name}"] + metrics[f"reward_metre_{name}"]
         assert total == pytest.approx(metrics[f"{name}_reward"], abs=1e-5)
+
+
+def test_shakespeare_ppo_judge_matches_hf_loss_and_prefers_real_verse(shakespeare_data):
+    """J of one text is minus Hugging Face's own mean token loss; real couplets score above the
+    same words shuffled (measured over 3 shuffles: 1.6 to 2.2 nats per token apart)."""
+    judge = sp.load_judge()
+    model, tokenizer = judge
+    real = shakespeare_data["heldout_texts"][:3]
+    rng = np.random.default_rng(0)
+    shuffled = [" ".join(rng.permutation(t.split())) for t in real]
+    ids = torch.tensor([[0] + tokenizer(real[0], add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        loss = float(model(input_ids=ids, labels=ids).loss)
+    assert sp.judge_stats(judge, real[:1])["judge"] == pytest.approx(-loss, abs=1e-3)  # float32
+    assert sp.judge_stats(judge, real)["judge"] > sp.judge_stats(judge, shuffled)["judge"] + 0.5
 
 
 TINY = dict(pretrain_steps=200, ppo_iterations=20, num_seeds=2, eval_samples=128)
@@ -284,17 +307,41 @@ def test_shakespeare_ppo_tiny_run_learns(tmp_path):
     assert metrics["ppo_distinct2"] >= 0.5
 
 
+SHARDED_RUN = """
+import json, sys
+import jax
+sys.path.insert(0, {tasks!r})
+import shakespeare_ppo as sp
+import numpy as np
+stub = lambda judge, texts: {{"judge": -5.0, "judge_sem": 0.1, "per_verse": np.zeros(len(texts))}}
+sp.load_judge, sp.judge_stats, real_shard = (lambda: None), stub, sp.shard_seeds
+
+def spy(tree):  # report how the seed axis that train_ppo hands over is laid out
+    out = real_shard(tree)
+    leaf = jax.tree.leaves(out)[0]
+    print("SEED_AXIS", leaf.shape[0], "DEVICES", len(leaf.sharding.device_set))
+    return out
+
+sp.shard_seeds = spy
+sp.main(sp.Config(**json.loads(sys.argv[1])))
+"""
+
+
 @pytest.mark.slow  # two subprocess runs of the mini config, about 60 s of CPU
 def test_shakespeare_ppo_seeds_sharded_over_two_devices_match_one(tmp_path):
     """3 seeds on 2 forced host devices (padded to 4, split 2 + 2) give the 1-device metrics."""
-    task = pathlib.Path(sp.__file__)
+    code = SHARDED_RUN.format(tasks=str(pathlib.Path(sp.__file__).parent))
     runs = {}
     for devices in (1, 2):
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-        flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**MINI, "num_seeds": 3}.items()]
-        out = tmp_path / f"d{devices}"
-        subprocess.run([sys.executable, str(task), *flags, f"--out-dir={out}"], env=env, check=True)
-        runs[devices] = strict_json((out / "metrics.json").read_text())
+        cfg = {**MINI, "num_seeds": 3, "out_dir": str(tmp_path / f"d{devices}")}
+        proc = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(cfg)], env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        seed_axis = 3 if devices == 1 else 4  # padded to a multiple of the device count
+        assert f"SEED_AXIS {seed_axis} DEVICES {devices}" in proc.stdout
+        runs[devices] = strict_json((tmp_path / f"d{devices}" / "metrics.json").read_text())
     assert runs[2]["num_devices"] == 2 and runs[1]["num_devices"] == 1
     for key, value in runs[1].items():
         if isinstance(value, float) and key not in ("wall_time_s", "throughput"):
