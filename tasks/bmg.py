@@ -1,14 +1,15 @@
 """Bootstrapped Meta-Gradients (BMG) vs meta-gradients (MG) vs fixed entropy, in a changing world.
 
-The idea (Flennerhag et al., ICLR 2022, "Bootstrapped Meta-Learning"): a meta-learner with
-parameters w sets the entropy weight eps of an A2C agent, whose K SGD steps make theta_K a
-differentiable function of w:
+What this teaches: meta-learning a hyperparameter by differentiating through the learner's own
+updates, and how BMG (Flennerhag et al., ICLR 2022, "Bootstrapped Meta-Learning") differs from
+MG (Xu et al. 2018). A meta-learner with parameters w sets the entropy weight eps of an A2C agent,
+whose K SGD steps make theta_K a differentiable function of w:
 
     theta_{k+1} = theta_k - alpha grad L_A2C(theta_k; eps_k),   eps_k = f_w(recent rewards),
     L_A2C = -mean(log pi(a|s) A) + 0.5 mean(A^2) - eps mean(H(pi(.|s))).
 
-- MG (Xu et al. 2018) minimises the policy-gradient loss of theta_K on its next rollout: it sees
-  one step past the horizon (myopic: entropy never lowers the immediate loss).
+- MG minimises the policy-gradient loss of theta_K on its next rollout: it sees one step past the
+  horizon (myopic: entropy never lowers the immediate loss).
 - BMG bootstraps a target from theta_K, L - 1 more steps of the agent's own update rule and a
   last plain policy-gradient step, theta~ = theta_{K+L-1} - alpha grad L_pg, and pulls theta_K
   towards it in policy space (Eq. 3): L_BMG(w) = KL(pi_{stop_grad(theta~)} || pi_{theta_K(w)}).
@@ -16,25 +17,24 @@ differentiable function of w:
 The task is the paper's non-stationary "two colours" grid world: on a 5x5 grid without episodes
 the agent collects a blue and a red object (+1 for one colour, -1 for the other; the object
 reappears on a random free cell; other steps cost 0.04). Every `swap_every` steps the colours'
-rewards swap, unobserved. The meta-learner is an MLP from the mean reward of the last 10
-rollouts, normalised by running statistics and squashed to [-1, 1] (Luketina et al. 2022), to
-eps = sigmoid(.), near 0.5 at first as in the public reproductions. Baselines: fixed eps in
-{0, .1, .2, .4, .8} (Luketina's grid), the best in hindsight reported. Paired design: per seed,
-every arm starts at the first swap from one agent trained on the first (blue) phase with eps =
-0.1, and rollout i of every arm draws the same random numbers. Pure JAX: each arm is a jitted
-`lax.scan` per chunk, vmapped over fixed eps values and over seeds (sharded over the devices).
+rewards swap, unobserved. The meta-learner sees the mean reward of the last 10 rollouts,
+normalised and squashed to [-1, 1] (Luketina et al. 2022); eps = sigmoid(.) starts near 0.5.
+Baselines: fixed eps in {0, .1, .2, .4, .8}, the best in hindsight reported. Paired design: per
+seed, every arm starts at the first swap from one agent warmed up on the first (blue) phase, and
+rollout i of every arm draws the same random numbers.
 
     python tasks/bmg.py
+    python tasks/bmg.py --bmg-target-eps zero           # ablation: no entropy in BMG's target
     python tasks/bmg.py --preset paper --num-seeds 1    # the paper's budget: ~1 h CPU a seed
     python tasks/bmg.py --help
 
-At defaults (10 seeds, 200k steps, swaps every 50k; about 250 s of CPU time) the cumulative
+At defaults (10 seeds, 200k steps, swaps every 50k; runtime: see docs/bmg.md) the cumulative
 reward from the first swap (mean ± std over seeds) is: best fixed eps (0.1) 10409 ± 3047, MG
 5765 ± 3036, BMG -1857 ± 1229; paired, BMG - MG = -7622 ± 708 (s.e.), BMG ahead on 0 of 10 seeds.
-MG's eps rises at every swap; the paper's BMG holds eps near 0.5, because its target's L - 1
-steps carry the learned entropy bonus (with `--bmg-target-eps zero`: BMG 7950 ± 2241, ahead of
-MG on 8 of 10 seeds). Outputs: runs/bmg/metrics.json and cumulative_reward.png (cumulative
-reward; eps over time, swaps marked). Results, diagnosis, settings tried: docs/bmg.md.
+The BMG bars are not met at defaults: MG's eps rises at every swap; the paper's BMG holds eps
+near 0.5, because its target's L - 1 steps carry the learned entropy bonus (with
+`--bmg-target-eps zero`: BMG 7950 ± 2241, ahead of MG on 8 of 10 seeds). Results, the diagnosis
+and the settings tried: docs/bmg.md.
 
 Differences from the paper, for minutes on 2 CPU cores (`--preset paper` restores the budget,
 swap period, width and single grid): 200k steps, swaps every 50k, meta lr 1e-3 (paper 6.4M,
@@ -42,6 +42,11 @@ swap period, width and single grid): 200k steps, swaps every 50k, meta lr 1e-3 (
 of blue and red from the agent: "go to red" is linear in it); the shared warm-up phase.
 """
 
+# %% [markdown]
+# ## Imports and shared helpers
+# Pure JAX: each arm is a jitted `lax.scan`, vmapped over fixed-eps values and over seeds, the
+# seed axis sharded over the devices. The helpers are identical in every task (a test compares
+# the copies); the lesson starts at the Config.
 # %%
 import contextlib
 import dataclasses
@@ -58,26 +63,13 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import tyro
-from tqdm import tqdm
-
-GRID, N_ACTIONS = 5, 4  # actions: up, down, left, right
-N_CELLS = GRID * GRID
-OBS_DIM = 4 * (2 * GRID - 1) + 2 * GRID  # offsets of blue and red (rows, cols), agent row, col
-STEP_COST, GAMMA = -0.04, 0.99
-STATS_LEN, STATS_DECAY = 10, 0.99  # last 10 rollout rewards; running statistics' decay
-META_HIDDEN, META_ADAM_EPS = 32, 1e-4  # as the public reproduction
-WARM_EPS = 0.1  # entropy weight of the shared warm-up on the first phase
-CHUNKS = 10  # host round-trips per arm: a progress-bar tick, a log line, a finite check
+from tqdm.auto import tqdm
 
 
-# %% ---------------------------------------------------------------- helpers
 def option_error(name: str, value, allowed: str) -> ValueError:
     """The one-line message for a bad option, spelled as on the command line."""
     return ValueError(f"--{name.replace('_', '-')} {value}: {allowed}")
@@ -144,6 +136,32 @@ def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
     os.replace(tmp, out / "metrics.json")
 
 
+def save_figure(fig, path) -> None:
+    """Save a figure into the run's folder and close it; in a notebook, also show it inline."""
+    fig.savefig(path, dpi=120)
+    if "ipykernel" in sys.modules:
+        from IPython.display import display
+
+        display(fig)
+    plt.close(fig)
+
+
+class PhaseTimer:
+    """Wall time of each phase of a run, for metrics.json's `time_split_s`. Call `lap(phase)` at
+    the end of each phase: "setup" (data, model, compilation where it happens before training),
+    "train", "evaluate", "figures"; a phase lapped twice adds up. `lap` returns the total so far."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.split: dict[str, float] = {}
+
+    def lap(self, phase: str) -> float:
+        now = time.perf_counter()
+        self.split[phase] = round(self.split.get(phase, 0.0) + now - self.last, 3)
+        self.last = now
+        return now - self.start
+
+
 def cli_config(args: list[str] | None = None) -> "Config":
     """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
     overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
@@ -195,52 +213,51 @@ def shard_seeds(tree):
     )
 
 
-# %% ---------------------------------------------------------------- config
+# %% [markdown]
+# ## Config
+# The defaults are the 2-core CPU run; `--preset paper` is the paper's budget and widths.
+# %%
 @dataclasses.dataclass(frozen=True)
-class Config:
-    seed: int = 0
-    """Base random seed; seed i of `num_seeds` uses seed + i."""
-    out_dir: str = "runs/bmg"
-    """Folder for metrics.json, config.json and the figure."""
-    total_steps: int = 200_000
-    """Time steps per run, the shared warm-up phase included (paper: 6.4M)."""
-    swap_every: int = 50_000
-    """Time steps between swaps of the colours' rewards (paper: 100k)."""
-    num_seeds: int = 10
-    """Paired seeds, vmapped (and sharded over the local devices)."""
-    num_envs: int = 8
-    """Copies of the grid each agent update averages over (paper: 1)."""
-    rollout_len: int = 16
-    """Steps per A2C rollout; one SGD step per rollout (as the paper)."""
-    lr: float = 0.1
-    """Agent's SGD learning rate alpha (as the paper)."""
-    meta_lr: float = 1e-3
-    """Adam learning rate of the meta-learners (paper: 1e-4 over 32x more steps)."""
-    k_inner: int = 7
-    """K: agent steps differentiated through per meta-update (as the paper)."""
-    l_target: int = 9
-    """L: BMG's bootstrap horizon, L - 1 agent steps plus one policy-gradient step (paper: 9)."""
-    hidden: int = 32
-    """Width of the actor's and the critic's two hidden layers (reproductions: 256)."""
-    fixed_epsilons: tuple[float, ...] = (0.0, 0.1, 0.2, 0.4, 0.8)
-    """Entropy weights of the fixed-eps A2C baselines; the best in hindsight is reported."""
+class Config:  # each field's comment is its `--help` text
+    seed: int = 0  # base random seed; seed i of `num_seeds` uses seed + i
+    out_dir: str = "runs/bmg"  # folder for metrics.json, config.json and the figure
+    total_steps: int = 200_000  # time steps per run, the shared warm-up included (paper: 6.4M)
+    swap_every: int = 50_000  # time steps between swaps of the colours' rewards (paper: 100k)
+    num_seeds: int = 10  # paired seeds, vmapped (and sharded over the local devices)
+    num_envs: int = 8  # copies of the grid each agent update averages over (paper: 1)
+    rollout_len: int = 16  # steps per A2C rollout; one SGD step per rollout (as the paper)
+    lr: float = 0.1  # agent's SGD learning rate alpha (as the paper)
+    meta_lr: float = 1e-3  # Adam learning rate of the meta-learners (paper: 1e-4, 32x more steps)
+    k_inner: int = 7  # K: agent steps differentiated through per meta-update (as the paper)
+    l_target: int = 9  # L: BMG's bootstrap, L - 1 agent steps + one policy-gradient step
+    hidden: int = 32  # width of the actor's and critic's two hidden layers (reproductions: 256)
+    fixed_epsilons: tuple[float, ...] = (0.0, 0.1, 0.2, 0.4, 0.8)  # fixed-eps A2C baselines
+    # Entropy weight in BMG's target's L - 1 steps: the learned eps (as the paper), or 0, which
+    # removes the target's pull towards more entropy (an ablation, see docs/bmg.md).
     bmg_target_eps: Literal["learned", "zero"] = "learned"
-    """Entropy weight in the target's L - 1 steps: the learned eps (as the paper), or 0, which
-    removes the target's pull towards more entropy (an ablation, see docs/bmg.md)."""
+    # `cpu`: these defaults, minutes on 2 cores. `paper`: the paper's budget (6.4M steps, swaps
+    # every 100k, one grid, width 256, meta lr 1e-4; agent lr 0.0125), an hour of CPU per seed.
     preset: Literal["cpu", "paper"] = "cpu"
-    """`cpu`: these defaults, minutes on 2 cores. `paper`: the paper's budget (6.4M steps, swaps
-    every 100k, one grid, width 256, meta lr 1e-4; agent lr 0.0125), an hour of CPU per seed.
-    Command-line flags override the preset's values."""
 
 
-# The paper's budget and widths. At width 256 its agent learning rate 0.1 diverged (NaN after
-# 30k steps; 0.05 after 1.26M): the preset scales the default's 0.1 by 32 / 256, the same step in
-# function space for this standard-parameterised MLP.
+# At width 256 the agent lr 0.1 diverged (docs/bmg.md): the preset scales it by 32 / 256.
 PAPER = dict(total_steps=6_400_000, swap_every=100_000, num_envs=1, hidden=256, meta_lr=1e-4)
 PRESETS: dict[str, Config] = {"cpu": Config(), "paper": Config(preset="paper", lr=0.0125, **PAPER)}
 
 
-# %% ---------------------------------------------------------------- environment
+# %% [markdown]
+# ## Environment: two colours
+# A 5x5 grid, no episodes. Moving onto an object collects it and it reappears on a uniform free
+# cell; every `swap_every` steps blue's and red's rewards swap. The observation is egocentric:
+# one-hot row and column offsets of blue and red from the agent, and the agent's own row and
+# column (to see the walls).
+# %%
+GRID, N_ACTIONS = 5, 4  # actions: up, down, left, right
+N_CELLS = GRID * GRID
+OBS_DIM = 4 * (2 * GRID - 1) + 2 * GRID  # offsets of blue and red (rows, cols), agent row, col
+STEP_COST, GAMMA = -0.04, 0.99
+
+
 class EnvState(NamedTuple):
     agent: jax.Array  # () int cell index in [0, 25)
     blue: jax.Array  # () int
@@ -293,10 +310,17 @@ def env_step(state: EnvState, action: jax.Array, u: jax.Array, swap_every: int):
     return EnvState(agent, blue, red, blue_reward, t), reward
 
 
-# %% ---------------------------------------------------------------- agent and meta-learner
-# Meta-gradients differentiate through SGD steps theta' = theta - alpha grad L(theta), so the
-# networks are plain pytrees of arrays with pure apply functions rather than Flax NNX modules:
-# every inner step is then a one-line tree_map that jax.grad can see through.
+# %% [markdown]
+# ## Agent and meta-learner
+# Meta-gradients differentiate through SGD steps $\theta' = \theta - \alpha \nabla L(\theta)$, so
+# the networks are plain pytrees with pure apply functions rather than Flax NNX modules: every
+# inner step is a one-line `tree_map` that `jax.grad` sees through. The meta-learner is an MLP
+# $10 \to 32 \to 1$ with $\epsilon = \sigma(f_w(x))$, starting near 0.5.
+# %%
+STATS_LEN, STATS_DECAY = 10, 0.99  # last 10 rollout rewards; running statistics' decay
+META_HIDDEN, META_ADAM_EPS = 32, 1e-4  # as the public reproduction
+
+
 def init_mlp(key: jax.Array, sizes: list[int]) -> list[dict]:
     """LeCun-normal weights, zero biases."""
     keys = jax.random.split(key, len(sizes) - 1)
@@ -329,7 +353,14 @@ def meta_epsilon(meta_params: list[dict], x: jax.Array) -> jax.Array:
     return jax.nn.sigmoid(apply_mlp(meta_params, x)[0])
 
 
-# %% ---------------------------------------------------------------- rollouts and losses
+# %% [markdown]
+# ## Rollouts and the A2C loss
+# $$L_\text{A2C}(\theta; \epsilon) = -\overline{\log \pi_\theta(a|s)\,A} + \tfrac12 \overline{A^2}
+# - \epsilon\,\overline{H(\pi_\theta(\cdot|s))},\qquad A = G_t - V(s_t),$$
+# with $n$-step returns $G_t = r_t + \gamma G_{t+1}$, $G_T = V(s_T)$. BMG's target takes one last
+# plain policy-gradient step, and its matching function is
+# $\mu = \mathrm{KL}(\pi_{\tilde\theta} \,\|\, \pi_{\theta_K})$ (Eq. 3).
+# %%
 class Rollout(NamedTuple):
     obs: jax.Array  # (T, B, 46) for T steps of B copies of the grid
     actions: jax.Array  # (T, B)
@@ -389,7 +420,15 @@ def kl_matching(target_params: dict, params: dict, obs: jax.Array) -> jax.Array:
     return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
 
 
-# %% ---------------------------------------------------------------- inner loop and meta-losses
+# %% [markdown]
+# ## Meta-losses: MG and BMG
+# Both take $K$ differentiable agent steps to $\theta_K(w)$. MG's loss is the policy-gradient
+# loss of $\theta_K$ on the rollout $\theta_K$ collects. BMG continues $L-1$ steps without
+# gradient, then one policy-gradient step, to the target $\tilde\theta$, and minimises
+# $\mathrm{KL}(\pi_{\tilde\theta} \| \pi_{\theta_K(w)})$. The meta-input is the last 10 rollout
+# rewards, normalised by running statistics and squashed by tanh, so a swap shows as a drop
+# towards $-1$ whatever the reward scale.
+# %%
 class Inner(NamedTuple):
     params: dict  # agent's theta
     rollout: Rollout  # collected with the current theta, to be used for its next update
@@ -451,7 +490,16 @@ def bmg_meta_loss(meta_params: list[dict], inner: Inner, cfg: Config):
     return loss, (inner_t, logs)  # the agent continues from theta_{K+L-1}
 
 
-# %% ---------------------------------------------------------------- training
+# %% [markdown]
+# ## Train
+# One shared warm-up (fixed eps 0.1 on the first, blue phase), then every arm from the first swap
+# on: the fixed-eps arms vmapped over eps values, MG and BMG one meta-update per cycle. Every arm
+# is vmapped over seeds (sharded over the devices) and runs in `CHUNKS` jitted `lax.scan`s.
+# %%
+WARM_EPS = 0.1  # entropy weight of the shared warm-up on the first phase
+CHUNKS = 10  # host round-trips per arm: a progress-bar tick, a log line, a finite check
+
+
 class Carry(NamedTuple):
     inner: Inner
     meta_params: list[dict]
@@ -518,12 +566,16 @@ def train_arm(arm: str, cfg: Config, carry: Carry, epsilons, n_rollouts: int, wa
     return logs, jax.tree.map(lambda x: x[: cfg.num_seeds], carry)
 
 
-def train_all(cfg: Config) -> tuple[dict, float]:
-    """The shared warm-up on the first phase, then every arm from the first swap on. Returns
-    the logs and the throughput in environment steps per second."""
+def init_all(cfg: Config) -> Carry:
+    """Every seed's agent, meta-learner, grids and first rollout (leading seed axis)."""
     optimizer = optax.adam(cfg.meta_lr, eps=META_ADAM_EPS)
     seeds = jnp.arange(cfg.num_seeds) + cfg.seed
-    carry = jax.jit(jax.vmap(lambda s: init_carry(s, cfg, optimizer)))(seeds)
+    return jax.jit(jax.vmap(lambda s: init_carry(s, cfg, optimizer)))(seeds)
+
+
+def train_all(cfg: Config, carry: Carry) -> tuple[dict, float]:
+    """The shared warm-up on the first phase, then every arm from the first swap on. Returns
+    the logs and the throughput in environment steps per second (compilation included)."""
     start = time.perf_counter()
     warm = cfg.swap_every // cfg.rollout_len  # the first phase (blue) ends at the swap
     carry = train_arm("fixed", cfg, carry, jnp.array([WARM_EPS]), warm, warm_up=True)[1]
@@ -539,7 +591,12 @@ def train_all(cfg: Config) -> tuple[dict, float]:
     return logs, env_steps / (time.perf_counter() - start)
 
 
-# %% ---------------------------------------------------------------- evaluation
+# %% [markdown]
+# ## Evaluate
+# Cumulative reward from the first swap per seed, paired differences (mean, standard error, wins),
+# reward per step in red- and blue-paying phases, the first tenth of each phase (recovery), and the
+# meta-learners' eps in the tenth of a phase just before and just after each swap.
+# %%
 def window_mean(x: np.ndarray, cfg: Config, part: float, colour: str = "") -> np.ndarray:
     """Per seed, the mean of x (seeds, rollouts of the measured run, which starts at the first
     swap) over the first `part` of each phase (the last part if part < 0), of one colour if
@@ -589,10 +646,19 @@ def evaluate(logs: dict, cfg: Config) -> tuple[dict, dict]:
         m |= {f"bmg_minus_{other}": float(diff.mean()), f"bmg_minus_{other}_se": float(se)}
         m[f"bmg_wins_vs_{other}"] = int((diff > 0).sum())
     m |= {"total_steps": cfg.total_steps, "swap_every": cfg.swap_every}
+    m["bmg_eps_rise"] = m["bmg_eps_after_swap"] - m["bmg_eps_before_swap"]
+    bars = ("bmg_minus_mg", "bmg_minus_best_fixed", "bmg_eps_rise", "best_fixed_red_phase_reward",
+            "best_fixed_blue_phase_reward")  # fmt: skip
+    m |= {f"{name}_target": 0.0 for name in bars}  # issue 13: each must be above 0
+    m |= {"num_seeds_target": 10, "wall_time_s_ceiling": 300}
     return m, rewards
 
 
-# %% ---------------------------------------------------------------- figure
+# %% [markdown]
+# ## Figure
+# Left: cumulative reward from the first swap, mean ± std over seeds. Right: MG's and BMG's eps
+# over time with the swaps marked: does the meta-learner react to a swap?
+# %%
 STYLE = {"best_fixed": ("fixed eps (best)", "tab:gray"), "mg": ("MG", "tab:blue"),
          "bmg": ("BMG", "tab:red")}  # fmt: skip
 
@@ -600,7 +666,7 @@ STYLE = {"best_fixed": ("fixed eps (best)", "tab:gray"), "mg": ("MG", "tab:blue"
 def plot_results(rewards: dict, eps: dict, best_eps: float, cfg: Config, out: pathlib.Path):
     """Left: cumulative reward from the first swap, mean ± std over seeds. Right: the learned
     eps over time, swaps marked: does the meta-learner react to a swap?"""
-    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(11, 4.6))
     to_steps = lambda i: (cfg.swap_every + i * cfg.rollout_len) / 1e3  # noqa: E731
     for arm, reward in rewards.items():
         cum = np.cumsum(reward, -1)
@@ -612,22 +678,28 @@ def plot_results(rewards: dict, eps: dict, best_eps: float, cfg: Config, out: pa
     for arm, e in eps.items():
         curve = e[:, : e.shape[-1] // size * size].reshape(len(e), -1, size).mean(-1)
         steps, (label, color) = to_steps((np.arange(curve.shape[-1]) + 0.5) * size), STYLE[arm]
-        ax_e.plot(steps, curve.mean(0), color=color, label=f"{label} (band: 25-75% of seeds)")
+        ax_e.plot(steps, curve.mean(0), color=color, label=f"{label} (band: 25-75%)")
         ax_e.fill_between(steps, *np.percentile(curve, [25, 75], 0), color=color, alpha=0.2)
     ax_e.axhline(best_eps, color="tab:gray", ls="--", label=f"best fixed eps = {best_eps:g}")
     for ax in (ax_r, ax_e):
         for i, at in enumerate(range(cfg.swap_every, cfg.total_steps, cfg.swap_every)):
             ax.axvline(at / 1e3, color="k", lw=0.6, ls=":", label="swap" if i == 0 else None)
-        ax.set_xlabel("environment steps per grid (thousands)")
-        ax.legend(fontsize=8)
-    ax_r.set(ylabel="cumulative reward per grid", title=f"Two colours, {cfg.num_seeds} seeds")
-    ax_e.set(ylabel="entropy weight eps", ylim=(0, 1), title="Meta-learned eps")
+        ax.set_xlabel("environment steps per grid (thousands)", fontsize=12)
+        ax.legend(fontsize=9)
+    ax_r.set_ylabel("cumulative reward per grid", fontsize=12)
+    ax_r.set_title(f"Two colours, {cfg.num_seeds} paired seeds", fontsize=13)
+    ax_e.set_ylabel("entropy weight eps", fontsize=12)
+    ax_e.set_title("Meta-learned eps (swaps dotted)", fontsize=13)
+    ax_e.set_ylim(0, 1)
     fig.tight_layout()
-    fig.savefig(out / "cumulative_reward.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "cumulative_reward.png")
 
 
-# %% ---------------------------------------------------------------- main
+# %% [markdown]
+# ## Main
+# Validate every option first, then the warm-up and arms, the evaluation, the figure, and
+# `metrics.json` (with each bar beside its metric) last and atomically.
+# %%
 def validate(cfg: Config) -> None:
     """Every option in range, before any compilation: one line naming the option."""
     check_number(cfg, "seed", 0, 2**31 - cfg.num_seeds)  # PRNGKey seeds are int32 here
@@ -649,20 +721,28 @@ def validate(cfg: Config) -> None:
 def main(cfg: Config) -> dict:
     validate(cfg)
     start = time.perf_counter()
-    logs, throughput = train_all(cfg)
+    timer = PhaseTimer()
+    carry = init_all(cfg)
+    timer.lap("setup")
+    logs, throughput = train_all(cfg, carry)
+    timer.lap("train")
     metrics, rewards = evaluate(logs, cfg)
     metrics |= {"preset": getattr(cfg, "preset", "cpu"), **device_info()}
     metrics |= {"throughput": throughput, "throughput_unit": "env-steps/s"}  # compiling too
     print(
         " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
     )
+    timer.lap("evaluate")
     with staged_run(cfg.out_dir) as out:
         eps = {arm: logs[arm]["eps"] for arm in ("mg", "bmg")}
         plot_results(rewards, eps, metrics["best_fixed_epsilon"], cfg, out)
+        timer.lap("figures")
+        metrics["time_split_s"] = timer.split
         metrics["wall_time_s"] = round(time.perf_counter() - start, 2)
         write_metrics(out, cfg, metrics)
     return metrics
 
 
+# %%
 if __name__ == "__main__":
     run_cli()

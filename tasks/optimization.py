@@ -1,61 +1,29 @@
 """SGD, momentum, Nesterov and Adam written by hand, checked against optax on real MNIST.
 
-An optimizer in optax is a `GradientTransformation`: a pair of pure functions
-
-    state = init(params)
-    updates, state = update(grads, state, params)      then   params = params + updates
-
-Here we write four of them from `jax.tree.map` alone and show, on a real CNN, that they are
-drop-in replacements for optax's: same parameters along the whole trajectory, same accuracy,
-same speed. With step size eta, momentum mu, gradient g_t and t = 1, 2, ...:
+What it teaches: an optimizer is two pure functions over pytrees, `state = init(params)` and
+`updates, state = update(grads, state, params)`; four classic ones fit in a few lines of
+`jax.tree.map` and, behind optax's interface, replace optax's own. One CNN, one initialisation,
+one batch order: each optimizer trains two twins, one updated by our code and one by optax's, and
+their gap is measured after every step. With step size eta, momentum mu and gradient g_t at step
+t = 1, 2, ... (Sutskever et al. 2013; Kingma & Ba 2015, "Adam"):
 
     SGD        u_t = -eta g_t
-    momentum   m_t = g_t + mu m_{t-1},           u_t = -eta m_t          (Polyak; heavy ball)
-    Nesterov   m_t = g_t + mu m_{t-1},           u_t = -eta (g_t + mu m_t)
-    Adam       m_t = b1 m_{t-1} + (1 - b1) g_t,  v_t = b2 v_{t-1} + (1 - b2) g_t^2
-               m^_t = m_t / (1 - b1^t),          v^_t = v_t / (1 - b2^t)  (bias correction)
-               u_t = -eta m^_t / (sqrt(v^_t) + eps)
-
-The bias correction matters most at t = 1: m_1 = (1 - b1) g and v_1 = (1 - b2) g^2 are shrunk
-towards their zero initial values, and dividing by (1 - b^t) undoes that, so the first Adam step is
--eta g / (|g| + eps), about eta times sign(g) per coordinate. The Nesterov form is the one of
-Sutskever et al. (2013) rewritten to evaluate the gradient at the current parameters (as optax and
-PyTorch do). References: Kingma & Ba 2015, "Adam" (Algorithm 1); Sutskever et al. 2013, "On the
-importance of initialization and momentum in deep learning"; optax's `sgd` and `adam`.
-
-The experiment: one small CNN, one initialisation, one batch order. Every optimizer trains two
-twins on the same batches, one updated by our transformation and one by optax's, and after every
-step we measure the relative gap between the two parameter sets,
-max over parameter arrays of ||theta_hand - theta_optax|| / ||theta_optax||.
-
-Bit for bit. Same maths is not the same floating-point result: XLA rewrites each program on its
-own (a division by a scalar may become a multiplication by its reciprocal, or two divisions may
-merge), and each rewrite rounds differently. An earlier version of our Adam computed 1 - b1^t
-inside every layer's `tree.map` lambda, where optax computes it once; its first update differed
-from optax's by one ulp in about 40% of the entries, and along Adam's trajectory that grew to a
-relative parameter gap of 1.6e-2 by step 200 (Adam divides by sqrt(v), so a near-zero gradient
-whose last bit differs can flip a whole step). Computing the bias-correction scalars once, as
-written below, gives XLA the same program as optax's, and the twins stay bit-identical.
-
-Choices made on a 5,000-image validation split held out from the training set (Adam, validation
-accuracy): lr 1e-3 vs 2e-3 at batch 128 x 1,500 steps gave 98.26% vs 98.36%; at equal compute,
-batch 64 x 3,000 steps at 1e-3 gave 98.56% and batch 128 x 2,000 steps at 2e-3 gave 98.50%, so the
-defaults are batch 64, 3,000 steps, lr 1e-3. The SGD learning rates are conventional, untuned
-values (0.1, and 0.01 with momentum 0.9: the same effective step 0.01 / (1 - 0.9)). The test set
-gives final numbers only.
+    momentum   m_t = g_t + mu m_{t-1},  u_t = -eta m_t                (Polyak; heavy ball)
+    Nesterov   m_t = g_t + mu m_{t-1},  u_t = -eta (g_t + mu m_t)
+    Adam       m_t = b1 m_{t-1} + (1 - b1) g_t,  v_t = b2 v_{t-1} + (1 - b2) g_t^2,
+               u_t = -eta m_t / (1 - b1^t) / (sqrt(v_t / (1 - b2^t)) + eps)
 
     python tasks/optimization.py
     python tasks/optimization.py --help
+    python studies/optimization_trajectory.py   # the gap and the time of every step, drawn
 
-Expected at defaults (measured: 210 s of CPU time, compilation included; the bar is 240 s on a
-2-core CPU): all four pairs are bit-identical along all 3,000 steps (gap exactly 0; bar 1e-5), so
-hand and optax test accuracies are equal: SGD 98.53%, momentum 98.71%, Nesterov 98.70%,
-Adam 98.71% (bar: Adam >= 98.5%). Outputs in runs/optimization/: metrics.json,
-loss_curves.png, param_gap.png, step_time.png. metrics.json also records the device and the
-throughput: training steps per second of one twin, from the median step times.
+Expected at defaults: the four pairs are bit-identical along all 3,000 steps (gap 0; bar 1e-5), so
+hand and optax test accuracies are equal: SGD 98.53%, momentum 98.71%, Nesterov 98.70%, Adam
+98.71% (bar: Adam >= 98.5%). About 128 s on 2 CPU cores (bar 240 s). More: docs/optimization.md.
+No differences from the papers (Nesterov as optax and PyTorch write it, with the gradient at the
+current parameters); no preset: the question needs no scale.
 """
 
-# %%
 import contextlib
 import dataclasses
 import functools
@@ -69,32 +37,23 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import tyro
 from flax import nnx
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
-LEARNING_RATE_OPTION = {
-    "sgd": "sgd_learning_rate",
-    "momentum": "momentum_learning_rate",
-    "nesterov": "momentum_learning_rate",
-    "adam": "adam_learning_rate",
-}
+LR = ("sgd_learning_rate", "momentum_learning_rate", "momentum_learning_rate", "adam_learning_rate")
+LEARNING_RATE_OPTION = dict(zip(OPTIMIZERS, LR))
 
 
-# %% ---------------------------------------------------------------- helpers
 def data_root() -> pathlib.Path:
     """The data and model cache: $TOY_EXAMPLES_DATA, else ~/.cache/toy_examples (`make data`)."""
     return pathlib.Path(os.environ.get("TOY_EXAMPLES_DATA", "~/.cache/toy_examples")).expanduser()
@@ -166,6 +125,32 @@ def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
     os.replace(tmp, out / "metrics.json")
 
 
+def save_figure(fig, path) -> None:
+    """Save a figure into the run's folder and close it; in a notebook, also show it inline."""
+    fig.savefig(path, dpi=120)
+    if "ipykernel" in sys.modules:
+        from IPython.display import display
+
+        display(fig)
+    plt.close(fig)
+
+
+class PhaseTimer:
+    """Wall time of each phase of a run, for metrics.json's `time_split_s`. Call `lap(phase)` at
+    the end of each phase: "setup" (data, model, compilation where it happens before training),
+    "train", "evaluate", "figures"; a phase lapped twice adds up. `lap` returns the total so far."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.split: dict[str, float] = {}
+
+    def lap(self, phase: str) -> float:
+        now = time.perf_counter()
+        self.split[phase] = round(self.split.get(phase, 0.0) + now - self.last, 3)
+        self.last = now
+        return now - self.start
+
+
 def cli_config(args: list[str] | None = None) -> "Config":
     """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
     overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
@@ -234,44 +219,33 @@ def load_mnist() -> dict[str, np.ndarray]:
     }
 
 
-# %% ---------------------------------------------------------------- config
+# %%
 @dataclass(frozen=True)
-class Config:
-    seed: int = 0
-    """Random seed for the initialisation, the validation split and the batch order."""
-    out_dir: str = "runs/optimization"
-    """Folder for metrics.json and the figures."""
-    num_steps: int = 3000
-    """Optimizer steps for every run (about 3.5 epochs of 55,000 images at batch 64)."""
-    batch_size: int = 64
-    """Images per step."""
-    sgd_learning_rate: float = 0.1
-    """Step size of plain SGD."""
-    momentum_learning_rate: float = 0.01
-    """Step size of SGD with momentum and of Nesterov (both use `momentum`)."""
-    momentum: float = 0.9
-    """Momentum mu of the heavy-ball and Nesterov runs."""
-    adam_learning_rate: float = 1e-3
-    """Step size of Adam (b1=0.9, b2=0.999, eps=1e-8, the defaults)."""
-    val_size: int = 5000
-    """Training images held out as the validation split (used to choose the learning rates)."""
-    train_size: int = 0
-    """Training images used after the split; 0 means all of them (55,000 at defaults)."""
-    log_every: int = 250
-    """Steps between log lines (and tqdm updates), and between checks that the loss is finite."""
+class Config:  # defaults chosen on the validation split (docs/optimization.md: settings tried)
+    seed: int = 0  # Random seed: initialisation, validation split and batch order.
+    out_dir: str = "runs/optimization"  # Folder for metrics.json and the figures.
+    num_steps: int = 3000  # Optimizer steps per run (about 3.5 epochs of 55,000 images).
+    batch_size: int = 64  # Images per step.
+    sgd_learning_rate: float = 0.1  # Step size of plain SGD.
+    momentum_learning_rate: float = 0.01  # Step size of heavy-ball and Nesterov momentum.
+    momentum: float = 0.9  # Momentum mu of the heavy-ball and Nesterov runs.
+    adam_learning_rate: float = 1e-3  # Step size of Adam (b1 0.9, b2 0.999, eps 1e-8).
+    val_size: int = 5000  # Training images held out to choose the settings (validation split).
+    train_size: int = 0  # Training images used after the split; 0 means all (55,000).
+    log_every: int = 250  # Steps between log lines and checks that the loss is finite.
 
 
 PRESETS: dict[str, Config] = {"cpu": Config()}
 
 
-# %% ---------------------------------------------------------------- optimizers by hand
-class GradientTransformation(NamedTuple):
-    """The same two-function interface as `optax.GradientTransformation`."""
-
-    init: Callable[[Any], Any]
-    update: Callable[..., tuple[Any, Any]]
-
-
+# %% [markdown]
+# ## Optimizers by hand
+# Each returns optax's own `GradientTransformation` (a `NamedTuple` of two pure functions). Adam's
+# bias correction matters most at $t = 1$: it turns $m_1 = (1-\beta_1) g$ back into $g$, so the
+# first step is $-\eta\, g / (|g| + \epsilon)$, about $\eta\,\mathrm{sign}(g)$. **Bit for bit**:
+# XLA rewrites each program on its own, and each rewrite rounds differently; computing the two
+# bias-correction scalars once, outside `tree.map` as optax does, keeps the twins bit-identical.
+# %%
 class SgdState(NamedTuple):
     trace: Any  # the momentum buffer m_{t-1}, a pytree like params; () for plain SGD
 
@@ -286,24 +260,17 @@ def sgd(learning_rate: float, momentum: float = 0.0, nesterov: bool = False):
     """SGD, optionally with heavy-ball or Nesterov momentum, as a GradientTransformation."""
 
     def init(params):
-        if momentum == 0.0:
-            return SgdState(trace=())
-        return SgdState(trace=jax.tree.map(jnp.zeros_like, params))
+        return SgdState(trace=() if momentum == 0.0 else jax.tree.map(jnp.zeros_like, params))
 
     def update(grads, state, params=None):
-        del params  # SGD does not look at the parameters (no weight decay here)
         if momentum == 0.0:
             return jax.tree.map(lambda g: -learning_rate * g, grads), state
-        # m_t = g_t + mu m_{t-1}
-        trace = jax.tree.map(lambda g, m: g + momentum * m, grads, state.trace)
-        if nesterov:  # look ahead along the new buffer: g_t + mu m_t
-            direction = jax.tree.map(lambda g, m: g + momentum * m, grads, trace)
-        else:
-            direction = trace
-        updates = jax.tree.map(lambda d: -learning_rate * d, direction)
-        return updates, SgdState(trace=trace)
+        trace = jax.tree.map(lambda g, m: g + momentum * m, grads, state.trace)  # m_t
+        # heavy ball steps along m_t; Nesterov looks ahead along it, g_t + mu m_t
+        direction = jax.tree.map(lambda g, m: g + momentum * m, grads, trace) if nesterov else trace
+        return jax.tree.map(lambda d: -learning_rate * d, direction), SgdState(trace=trace)
 
-    return GradientTransformation(init, update)
+    return optax.GradientTransformation(init, update)
 
 
 def adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
@@ -314,25 +281,19 @@ def adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 
         return AdamState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
 
     def update(grads, state, params=None):
-        del params
         count = state.count + 1  # this is step t
         mu = jax.tree.map(lambda g, m: (1 - b1) * g + b1 * m, grads, state.mu)
         nu = jax.tree.map(lambda g, v: (1 - b2) * g**2 + b2 * v, grads, state.nu)
-        # bias correction; at t = 1 it turns m_1 = (1 - b1) g back into g. The two scalars are
-        # computed once, outside tree.map (see "bit for bit" in the module docstring).
-        correction1, correction2 = 1 - b1**count, 1 - b2**count
+        correction1, correction2 = 1 - b1**count, 1 - b2**count  # once ("bit for bit" above)
         mu_hat = jax.tree.map(lambda m: m / correction1, mu)
         nu_hat = jax.tree.map(lambda v: v / correction2, nu)
-        updates = jax.tree.map(
-            lambda m, v: -learning_rate * (m / (jnp.sqrt(v) + eps)), mu_hat, nu_hat
-        )
-        return updates, AdamState(count=count, mu=mu, nu=nu)
+        step = lambda m, v: -learning_rate * (m / (jnp.sqrt(v) + eps))
+        return jax.tree.map(step, mu_hat, nu_hat), AdamState(count=count, mu=mu, nu=nu)
 
-    return GradientTransformation(init, update)
+    return optax.GradientTransformation(init, update)
 
 
-def make_optimizers(cfg: Config) -> dict[str, tuple[GradientTransformation, Any]]:
-    """name -> (our transformation, optax's), with the same hyperparameters."""
+def make_optimizers(cfg: Config) -> dict[str, tuple]:  # name -> (ours, optax's), same settings
     lr_m, mu = cfg.momentum_learning_rate, cfg.momentum
     return {
         "sgd": (sgd(cfg.sgd_learning_rate), optax.sgd(cfg.sgd_learning_rate)),
@@ -342,21 +303,19 @@ def make_optimizers(cfg: Config) -> dict[str, tuple[GradientTransformation, Any]
     }
 
 
-# %% ---------------------------------------------------------------- data
+# %% [markdown]
+# ## Data, model, loss and jitted step
+# Real MNIST, a random validation split, one batch order; a CNN split into a fixed `graphdef` and
+# the parameters the optimizers see; a jitted step. The twins' gap, over parameter arrays $\ell$:
+# $\max_\ell \|\theta^\text{hand}_\ell - \theta^\text{optax}_\ell\| / \|\theta^\text{optax}_\ell\|$.
+# %%
 def split_data(cfg: Config, mnist: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Hold out `val_size` random training images; optionally keep only `train_size` of the rest."""
     order = np.random.default_rng(cfg.seed).permutation(len(mnist["y_train"]))
     val, train = order[: cfg.val_size], order[cfg.val_size :]
-    if cfg.train_size:
-        train = train[: cfg.train_size]
-    return {
-        "x_train": mnist["x_train"][train],
-        "y_train": mnist["y_train"][train],
-        "x_val": mnist["x_train"][val],
-        "y_val": mnist["y_train"][val],
-        "x_test": mnist["x_test"],
-        "y_test": mnist["y_test"],
-    }
+    parts = {"train": train[: cfg.train_size] if cfg.train_size else train, "val": val}
+    split = {f"{xy}_{name}": mnist[f"{xy}_train"][i] for name, i in parts.items() for xy in "xy"}
+    return split | {"x_test": mnist["x_test"], "y_test": mnist["y_test"]}
 
 
 def batch_indices(cfg: Config, num_train: int) -> np.ndarray:
@@ -367,18 +326,12 @@ def batch_indices(cfg: Config, num_train: int) -> np.ndarray:
     return order[: cfg.num_steps * cfg.batch_size].reshape(cfg.num_steps, cfg.batch_size)
 
 
-def to_input(images_u8: jax.Array) -> jax.Array:
-    """uint8 (B, 28, 28) -> float (B, 28, 28, 1), scaled to mean 0 and std 1 (MNIST statistics)."""
+def to_input(images_u8: jax.Array) -> jax.Array:  # uint8 (B, 28, 28) -> standardised (B, 28, 28, 1)
     return ((images_u8.astype(jnp.float32) / 255.0 - 0.1307) / 0.3081)[..., None]
 
 
-# %% ---------------------------------------------------------------- model
 class CNN(nnx.Module):
-    """Two stride-2 convolutions (28 -> 14 -> 7 pixels) and a 128-unit hidden layer; 207k params.
-
-    Strided convolutions instead of conv + max-pool: XLA's CPU convolutions are slow, and striding
-    cuts their cost about 4x for a fraction of a point of accuracy.
-    """
+    """Two stride-2 convolutions (28 -> 14 -> 7 px), a 128-unit hidden layer, a head: 207k params"""
 
     def __init__(self, rngs: nnx.Rngs):
         self.conv1 = nnx.Conv(1, 16, (5, 5), strides=2, rngs=rngs)
@@ -393,85 +346,58 @@ class CNN(nnx.Module):
         return self.head(x)
 
 
-def init_model(seed: int):
-    """(graphdef, params): the fixed structure and the parameter pytree every run starts from."""
-    graphdef, params = nnx.split(CNN(nnx.Rngs(seed)))
-    return graphdef, params
-
-
-# %% ---------------------------------------------------------------- loss and jitted step
-def loss_fn(params, graphdef, images_u8, labels):
-    logits = nnx.merge(graphdef, params)(to_input(images_u8))
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def relative_gap(params_a, params_b) -> jax.Array:
-    """max over parameter arrays of ||a - b|| / ||b||: 0 when the two runs are identical."""
-    gaps = jax.tree.map(
-        lambda a, b: jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30),
-        params_a,
-        params_b,
-    )
-    return jnp.max(jnp.stack(jax.tree.leaves(gaps)))
+def relative_gap(params_a, params_b) -> jax.Array:  # 0 when the two runs are identical
+    rel = lambda a, b: jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30)
+    return jnp.max(jnp.stack(jax.tree.leaves(jax.tree.map(rel, params_a, params_b))))
 
 
 def make_train_step(graphdef, tx):
     """One jitted optimizer step: gradient on the batch `idx`, update by `tx`, apply the update."""
 
+    def loss_fn(params, images_u8, labels):  # cross-entropy of the batch
+        logits = nnx.merge(graphdef, params)(to_input(images_u8))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
     @jax.jit
     def train_step(params, opt_state, x_train, y_train, idx):
-        loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, x_train[idx], y_train[idx])
+        loss, grads = jax.value_and_grad(loss_fn)(params, x_train[idx], y_train[idx])
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss  # our updates, optax's apply
 
     return train_step
 
 
-# %% ---------------------------------------------------------------- train
+# %% [markdown]
+# ## Train and evaluate
+# The twins of each optimizer step in lockstep on the same batches. Then: test accuracy of every
+# twin (validation accuracy chose the settings), the largest gap, and each bar beside its metric.
+# %%
 def train_pair(cfg: Config, name: str, txs, graphdef, params0, data, indices) -> dict:
-    """Train the hand and the optax twin of one optimizer from params0 on the same batches.
-
-    A Python loop over jitted steps, not lax.scan: XLA's CPU convolutions inside a while loop ran
-    about 7x slower here (110 ms vs 15 ms of CPU per step, measured), so the loop stays on the host.
-    Each step is timed on its own, which gives the time per step of each twin.
-    """
+    """Train the hand and the optax twin of one optimizer from params0 on the same batches. A host
+    loop, not lax.scan: XLA's CPU convolutions in a while loop ran about 7x slower (measured)."""
     steps = [make_train_step(graphdef, tx) for tx in txs]
-    params = [params0, params0]
-    states = [tx.init(params0) for tx in txs]
+    params, states = [params0, params0], [tx.init(params0) for tx in txs]
     gap_fn = jax.jit(relative_gap)
     x_train, y_train = jnp.asarray(data["x_train"]), jnp.asarray(data["y_train"], jnp.int32)
-    losses, gaps, seconds = [[], []], [], [[], []]
+    losses, gaps = [[], []], []
     bounds = list(range(0, cfg.num_steps, cfg.log_every)) + [cfg.num_steps]
     for a, b in tqdm(list(zip(bounds[:-1], bounds[1:])), desc=name, disable=None):
         for idx in jnp.asarray(indices[a:b]):
             for k in range(2):  # 0 = by hand, 1 = optax, on the very same batch
-                start = time.perf_counter()
                 params[k], states[k], loss = steps[k](params[k], states[k], x_train, y_train, idx)
-                losses[k].append(float(loss))  # waits for the step: honest timing
-                seconds[k].append(time.perf_counter() - start)
+                losses[k].append(float(loss))
             gaps.append(float(gap_fn(params[0], params[1])))
-        for impl, loss in zip(("hand", "optax"), (losses[0][-1], losses[1][-1])):
+        for impl, loss in [(i, ls[-1]) for i, ls in zip(("hand", "optax"), losses)]:
             if not math.isfinite(loss):
-                option = LEARNING_RATE_OPTION[name].replace("_", "-")
-                raise FloatingPointError(
-                    f"training diverged at step {b} ({name}, {impl}): loss is {loss}; "
-                    f"try a smaller --{option}"
-                )
+                option = "--" + LEARNING_RATE_OPTION[name].replace("_", "-")
+                msg = f"training diverged at step {b} ({name}, {impl}): loss is {loss}"
+                raise FloatingPointError(f"{msg}; try a smaller {option}")
         print(f"opt={name} step={b} loss_hand={losses[0][-1]:.4f} "
               f"loss_optax={losses[1][-1]:.4f} max_gap={max(gaps):.3g}")  # fmt: skip
-    return {
-        "params_hand": params[0],
-        "params_optax": params[1],
-        "loss_hand": np.asarray(losses[0]),
-        "loss_optax": np.asarray(losses[1]),
-        "gap": np.asarray(gaps),
-        # median over steps: robust to the first call, which also compiles
-        "step_ms_hand": 1000 * float(np.median(seconds[0])),
-        "step_ms_optax": 1000 * float(np.median(seconds[1])),
-    }
+    res = {f"loss_{impl}": np.asarray(losses[k]) for k, impl in enumerate(("hand", "optax"))}
+    return res | {"params_hand": params[0], "params_optax": params[1], "gap": np.asarray(gaps)}
 
 
-# %% ---------------------------------------------------------------- evaluate
 @functools.partial(jax.jit, static_argnums=0)
 def predict(graphdef, params, images_u8: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, params)(to_input(images_u8)).argmax(-1)
@@ -479,82 +405,62 @@ def predict(graphdef, params, images_u8: jax.Array) -> jax.Array:
 
 def accuracy(graphdef, params, images_u8: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of correctly classified images, in batches of 1,000 to bound memory."""
-    predictions = np.concatenate(
-        [predict(graphdef, params, images_u8[i : i + 1000]) for i in range(0, len(labels), 1000)]
-    )
+    chunks = [images_u8[i : i + 1000] for i in range(0, len(labels), 1000)]
+    predictions = np.concatenate([predict(graphdef, params, x) for x in chunks])
     return float((predictions == labels).mean())
 
 
-# %% ---------------------------------------------------------------- figures
-def smooth(x: np.ndarray, width: int) -> np.ndarray:
-    width = max(1, min(width, len(x)))
-    return np.convolve(x, np.ones(width) / width, mode="valid")
-
-
-def plot_loss_curves(results: dict, cfg: Config, path: pathlib.Path) -> None:
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), sharey=True)
-    width = max(1, cfg.num_steps // 50)
-    for ax, (name, res) in zip(axes, results.items()):
-        steps = np.arange(width, cfg.num_steps + 1)
-        ax.plot(steps, smooth(res["loss_hand"], width), lw=3, color="tab:blue", label="by hand")
-        ax.plot(steps, smooth(res["loss_optax"], width), lw=1.2, ls="--", color="tab:orange",
-                label="optax")  # fmt: skip
-        ax.set_yscale("log")
-        ax.set_title(f"{name}: test acc {res['acc_hand']:.2%} / {res['acc_optax']:.2%}")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"training loss (nats, mean of {width} steps)")
-    axes[0].legend()
-    fig.suptitle("Hand-written optimizers vs optax: same CNN, same init, same batches")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_param_gap(results: dict, path: pathlib.Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    floor = 1e-12  # exact zeros cannot be drawn on a log axis; they sit on this line
+def evaluate(cfg: Config, results: dict, graphdef, data: dict) -> dict:
+    """Per-optimizer metrics and the bars; adds the test accuracies to `results` for the figure."""
+    m: dict = {"task": "optimization", "seed": cfg.seed, "num_steps": cfg.num_steps}
     for name, res in results.items():
-        gap = res["gap"]
-        label = f"{name} (max {gap.max():.2g})" if gap.max() > 0 else f"{name} (exactly 0)"
-        ax.plot(np.arange(1, len(gap) + 1), np.maximum(gap, floor), label=label)
-    ax.axhline(1e-5, color="k", ls=":", label="bar 1e-5")
-    ax.set_yscale("log")
-    ax.set_ylim(floor / 2, 1e-3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("max over layers ||θ_hand − θ_optax|| / ||θ_optax||")
-    ax.set_title("Parameter gap between the hand and the optax twin")
-    ax.legend(fontsize=8)
+        for impl in ("hand", "optax"):
+            params = res[f"params_{impl}"]
+            res[f"acc_{impl}"] = accuracy(graphdef, params, data["x_test"], data["y_test"])
+            m[f"test_accuracy_{name}_{impl}"] = res[f"acc_{impl}"]
+            val = accuracy(graphdef, params, data["x_val"], data["y_val"])
+            m[f"val_accuracy_{name}_{impl}"] = val
+            m[f"final_train_loss_{name}_{impl}"] = float(res[f"loss_{impl}"][-100:].mean())
+        m[f"max_rel_param_diff_{name}"] = float(res["gap"].max())
+        m[f"rel_param_diff_at_200_{name}"] = float(res["gap"][:200][-1])
+    acc = lambda o, impl: m[f"test_accuracy_{o}_{impl}"]
+    m["max_rel_param_diff"] = max(m[f"max_rel_param_diff_{o}"] for o in OPTIMIZERS)
+    m["max_accuracy_gap"] = max(abs(acc(o, "hand") - acc(o, "optax")) for o in OPTIMIZERS)
+    m |= {"max_rel_param_diff_ceiling": 1e-5, "max_accuracy_gap_ceiling": 0.001}
+    return m | {"test_accuracy_adam_hand_target": 0.985, "wall_time_s_ceiling": 240}
+
+
+# %% [markdown]
+# ## Figure and main
+# The training losses of the twins: optax's dashed line lies on the hand-written one (the gap and
+# the time of every step: studies/optimization_trajectory.py). `main` validates every option
+# before any work, trains the four pairs, evaluates, and writes `metrics.json` last, atomically.
+# %%
+def plot_loss_curves(results: dict, cfg: Config, path: pathlib.Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    width = max(1, min(cfg.num_steps // 50, cfg.num_steps))
+    smooth = lambda x: np.convolve(x, np.ones(width) / width, mode="valid")
+    steps = np.arange(width, cfg.num_steps + 1)
+    for color, (name, res) in zip(("C0", "C1", "C2", "C3"), results.items()):
+        label = f"{name}: test {res['acc_hand']:.2%} (hand) / {res['acc_optax']:.2%} (optax)"
+        ax.plot(steps, smooth(res["loss_hand"]), lw=4, alpha=0.45, color=color, label=label)
+        ax.plot(steps, smooth(res["loss_optax"]), lw=1.3, ls="--", color="k")
+    ax.plot([], [], lw=1.3, ls="--", color="k", label="optax twin (dashed)")
+    ax.set(yscale="log", xlabel="step", ylabel=f"training loss (nats, mean of {width} steps)")
+    ax.set_title("Optimizers by hand (thick) vs optax (dashed)\nsame CNN, init and batches")
+    ax.legend(fontsize=9, loc="upper right")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def plot_step_time(metrics: dict, path: pathlib.Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    xs = np.arange(len(OPTIMIZERS))
-    for offset, impl in ((-0.2, "hand"), (0.2, "optax")):
-        ys = [metrics[f"step_ms_{o}_{impl}"] for o in OPTIMIZERS]
-        ax.bar(xs + offset, ys, width=0.4, label=impl)
-    ax.set_xticks(xs, OPTIMIZERS)
-    ax.set_ylabel("ms per training step (median)")
-    ax.set_title("Time per step: gradient + update + apply_updates, batch of images")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# %% ---------------------------------------------------------------- main
 def validate(cfg: Config) -> None:
     """Raise a one-line ValueError naming the option, before any data, model or compile work."""
     check_number(cfg, "seed", 0, 2**32 - 1, high_open=True)  # batch order uses seed + 1
     check_number(cfg, "num_steps", 1, 10**7)
     check_number(cfg, "val_size", 1, 59_999)
     check_number(cfg, "train_size", 0, 60_000 - cfg.val_size)  # 0 = all after the split
-    num_train = cfg.train_size or 60_000 - cfg.val_size
-    check_number(cfg, "batch_size", 1, num_train)  # a batch is at most one epoch
+    check_number(cfg, "batch_size", 1, cfg.train_size or 60_000 - cfg.val_size)  # <= one epoch
     for name in dict.fromkeys(LEARNING_RATE_OPTION.values()):
         check_number(cfg, name, 0, 1, low_open=True)
     check_number(cfg, "momentum", 0, 1, high_open=True)
@@ -564,53 +470,31 @@ def validate(cfg: Config) -> None:
 
 def main(cfg: Config) -> dict:
     validate(cfg)
-    start = time.perf_counter()
+    timer = PhaseTimer()
     data = split_data(cfg, load_mnist())
     indices = batch_indices(cfg, len(data["y_train"]))
-    graphdef, params0 = init_model(cfg.seed)
-    print(f"train={len(data['y_train'])} val={len(data['y_val'])} test={len(data['y_test'])} "
-          f"params={sum(p.size for p in jax.tree.leaves(params0))}")  # fmt: skip
-
-    metrics: dict = {"task": "optimization", "seed": cfg.seed, "num_steps": cfg.num_steps}
-    results = {}
-    for name, txs in make_optimizers(cfg).items():
-        res = train_pair(cfg, name, txs, graphdef, params0, data, indices)
-        for impl in ("hand", "optax"):
-            params = res[f"params_{impl}"]
-            res[f"acc_{impl}"] = accuracy(graphdef, params, data["x_test"], data["y_test"])
-            metrics[f"test_accuracy_{name}_{impl}"] = res[f"acc_{impl}"]
-            metrics[f"val_accuracy_{name}_{impl}"] = accuracy(
-                graphdef, params, data["x_val"], data["y_val"]
-            )
-            metrics[f"final_train_loss_{name}_{impl}"] = float(res[f"loss_{impl}"][-100:].mean())
-        metrics[f"max_rel_param_diff_{name}"] = float(res["gap"].max())
-        metrics[f"rel_param_diff_at_200_{name}"] = float(res["gap"][:200][-1])
-        for impl in ("hand", "optax"):
-            metrics[f"step_ms_{name}_{impl}"] = res[f"step_ms_{impl}"]
-        results[name] = res
-
-    metrics["max_rel_param_diff_target"] = 1e-5
-    metrics["test_accuracy_adam_target"] = 0.985
-    metrics["accuracy_gap_target"] = 0.001
-    # steady-state rate of one twin's training loop, from the median step times (no compile)
-    step_ms = [metrics[f"step_ms_{o}_{impl}"] for o in OPTIMIZERS for impl in ("hand", "optax")]
-    metrics["throughput"] = 1000 / float(np.mean(step_ms))
-    metrics["wall_time_s"] = time.perf_counter() - start
-    metrics = {k: v if isinstance(v, str) else float(v) for k, v in metrics.items()}
-    metrics["seed"], metrics["num_steps"] = cfg.seed, cfg.num_steps
-    metrics["throughput_unit"] = "steps/s"
-    metrics["preset"] = getattr(cfg, "preset", "cpu")
-    metrics.update(device_info())
+    graphdef, params0 = nnx.split(CNN(nnx.Rngs(cfg.seed)))  # structure, and the params to train
+    timer.lap("setup")  # each step compiles on its first call, inside training
+    results = {
+        name: train_pair(cfg, name, txs, graphdef, params0, data, indices)
+        for name, txs in make_optimizers(cfg).items()
+    }
+    train_s = timer.lap("train") - timer.split["setup"]
+    metrics = evaluate(cfg, results, graphdef, data)
+    metrics["throughput"] = 8 * cfg.num_steps / train_s  # twin steps per second, compile included
+    metrics["wall_time_s"] = timer.lap("evaluate")
+    metrics |= {"throughput_unit": "steps/s", "preset": getattr(cfg, "preset", "cpu")}
+    metrics |= device_info()
     with staged_run(cfg.out_dir) as out:
         plot_loss_curves(results, cfg, out / "loss_curves.png")
-        plot_param_gap(results, out / "param_gap.png")
-        plot_step_time(metrics, out / "step_time.png")
+        timer.lap("figures")
+        metrics["time_split_s"] = timer.split
         write_metrics(out, cfg, metrics)  # written last and atomically
-    headline = ("test_acc", "max_rel", "throughput", "wall")
-    numbers = {k: v for k, v in metrics.items() if not isinstance(v, str)}
-    print(" ".join(f"{k}={v:.4g}" for k, v in numbers.items() if k.startswith(headline)))
+    print(" ".join(f"{k}={metrics[k]:.4g}" for k in ("max_rel_param_diff", "max_accuracy_gap",
+                    "test_accuracy_adam_hand", "throughput", "wall_time_s")))  # fmt: skip
     return metrics
 
 
+# %%
 if __name__ == "__main__":
     run_cli()

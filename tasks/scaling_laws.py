@@ -1,77 +1,43 @@
 """Scaling laws on MNIST: how a CNN's validation loss falls with model size and with data size.
 
-The idea (Hestness et al. 2017, "Deep Learning Scaling is Predictable, Empirically"; Kaplan et al.
-2020, "Scaling Laws for Neural Language Models"; Hoffmann et al. 2022, "Chinchilla"): over a wide
-range, the held-out loss of a network is a power law in the resource that limits it, plus a floor,
+Over a wide range, the held-out loss of a network is a power law in the resource that limits it,
+plus a floor (Hestness et al. 2017, "Deep Learning Scaling is Predictable, Empirically"; Kaplan et
+al. 2020, "Scaling Laws for Neural Language Models"), and the two limits add up (Hoffmann et al.
+2022, "Chinchilla"):
 
-    L(x) = E + A * x^(-alpha),            x = parameter count N, or training examples D,
-
-and the two limits combine additively (Chinchilla's form),
-
+    L(x) = E + A x^(-alpha)  (x = parameters N or training images D),
     L(N, D) = E + A / N^alpha + B / D^beta.
 
-E is the loss that no amount of x removes (the other resource, the step budget, label noise), A the
-scale, alpha the exponent we want. We measure it on the real MNIST digits with a two-layer CNN:
+We measure alpha on the real MNIST digits with a two-layer CNN of width c,
+conv 2x2/2 (c) -> relu -> conv 2x2/2 (2c) -> relu -> linear(10):
 
-    conv 2x2 stride 2 (c channels) -> relu -> conv 2x2 stride 2 (2c channels) -> relu -> linear(10)
+- model sweep: c = 16, 8, 4, 2, 1 on all 55,000 training images;
+- data sweep: c = 16 on D = 55,000 / 2^k images, k = 0..6 (nested random subsets);
+- a grid of the narrower models on 1/4, 1/16 and 1/64 of the data, for the joint fit.
 
-- Model sweep: width multiplier w = 1, 1/2, ..., 1/16 (c = 16 w), all 55,000 training images.
-- Data sweep: the full model on D = 55,000 * (1, 1/2, ..., 1/64) images (nested random subsets).
-- Beyond: a small grid of the narrower models on 1/4, 1/16, 1/64 of the data, for the joint fit.
+The protocol is the lesson. A fixed number of EPOCHS would give 1/64 of the data 64x fewer
+updates and measure under-training, not the value of data. So every run gets the SAME STEP
+BUDGET (800 Adam steps of 128 images drawn with replacement from its subset, cosine-decayed
+learning rate), and we keep its BEST validation loss over checkpoints every 50 steps (early
+stopping), which reads small-data runs before they overfit. Validation is 5,000 images held out of
+the 60,000; each point is the mean of 2 paired seeds. The fits minimise the squared error of
+log L (the plots are log-log) and report R^2 of log L; the bars are R^2 >= 0.95 for each 1-D fit.
 
-The protocol, and why. Training every run for a fixed number of EPOCHS would confound data size with
-optimizer steps: 1/64 of the data would get 64 times fewer updates, and we would measure
-under-training, not the value of data. So every run gets the SAME STEP BUDGET (steps x batch size
-examples drawn with replacement from its own subset, Adam with a cosine-decayed learning rate), and
-we evaluate the validation loss every `eval_every` steps and keep the BEST value: early stopping on
-validation, which reads small-data runs at their best point, before they overfit. The y-axis is the
-loss on 5,000 images held out from the 60,000 training images; the test set only gives the final
-accuracy of the full model (at its best validation checkpoint). Each point is the mean of 2 seeds
-(different init, subset and batch order, shared across the points of a sweep, so the curves are
-paired); error bars are their std.
-
-A lesson in compute. XLA's CPU convolution runs on one thread and is slow here (170 ms a step at
-batch 128 for a 3x3 version of this net), and `vmap`ping same-shaped runs together turns it into a
-grouped convolution, slower still. So both convs are 2x2 with stride 2 ("patchify" convs, as in
-ViT's patch embedding): such a conv is exactly a space-to-depth reshape followed by a matmul, which
-XLA hands to its multithreaded GEMM, and it cost about 3 ms of CPU a step, 3x less than 3x3 convs
-written as im2col + matmul. Each run is one jitted `lax.scan` over its steps, compiled once per
-width and reused for every data size and seed. The runs of one width can also be trained together,
-`vmap`ped over a run axis that `shard_seeds` splits over all devices (the data size is traced, so
-runs on different data sizes share one program). On an accelerator that is the default: a tiny CNN
-leaves a GPU mostly idle, and batching runs fills it. On CPU the runs go one after another: vmapping
-2 to 8 runs of this patch-conv net measured 0.83x to 1.3x the CPU time of running them in turn (the
-widest model, which dominates the sweep, at 1.08x to 1.3x), and the batched program kept fewer of
-the 2 cores busy, so batching saves nothing there. An earlier im2col version measured 3x slower
-batched. `run_sweeps(..., batched=True)` forces the batched path (the tests compare the two).
-
-The fits use scipy's curve_fit in log space: we minimise the squared error of log L, since the
-losses span an order of magnitude and the plots are log-log, and report R^2 of log L.
+Both convs are 2x2 with stride 2 ("patchify", as in ViT): a reshape and a matmul, which XLA's CPU
+GEMM runs fast. Each run is one jitted `lax.scan`, compiled once per width. On an accelerator the
+runs of a width are `vmap`ped together, their run axis sharded over every device (`shard_seeds`);
+on CPU they run one after another (batching measured no faster there).
 
     python tasks/scaling_laws.py
     python tasks/scaling_laws.py --help
-    python tasks/scaling_laws.py --preset paper      # 256x in N, 256x in D, 4 seeds: for a GPU
+    python tasks/scaling_laws.py --preset paper   # 8 widths (N over 256x), 9 data sizes, 4 seeds
 
-Expected at defaults (46 runs of 800 steps; on an idle 2-core CPU 95 s of wall time and 164 s of CPU
-time, user + sys, of which ~20 s is compiling the 5 widths): model_alpha ~ 0.43 (R^2 ~ 0.975, E
-fitted at ~0: no floor visible below 18k parameters), data_alpha ~ 0.59 (R^2 ~ 0.99, E ~ 0.063: the
-step budget's floor), joint alpha ~ 0.45, beta ~ 0.61 (R^2 ~ 0.96). The bar is R^2 >= 0.95 for each
-1-D fit. The full model reaches ~97.0% validation and test accuracy. What the plots show beyond the
-fits: the model curve bends flat at the narrow end (1 to 2 channels: the linear head does most of
-the work there), and the data curve flattens at the top, where the 800-step budget, not data, is the
-limit.
-Outputs in runs/scaling_laws/: metrics.json, runs.json (every run), scaling.png, joint.png,
-curves.png (validation loss against step, the early-stopping points starred). metrics.json also
-records the device, the preset and the training throughput (optimizer steps per second, summed over
-runs, compilation included).
+Expected at defaults (46 runs; about 95 s on 2 CPU cores, see docs/scaling_laws.md):
+model_alpha ~ 0.43 (R^2 ~ 0.98), data_alpha ~ 0.59 (R^2 ~ 0.99), joint alpha ~ 0.45 and
+beta ~ 0.61; the full model reaches ~97% validation and test accuracy.
 
-The `paper` preset widens the sweep towards the papers' ranges: 8 widths, c = 128 down to 1 (1,005
-to 257,418 parameters, 256x), 9 data sizes from all 55,000 images down to 214 (256x), 4 seeds a
-point and 4,000 steps a run (176 runs). It is meant for an accelerator and has not been run to the
-end here (2-core CPU); the tests validate it and smoke-run it with tiny overrides.
-
-Differences from the papers: a tiny CNN and data set, so N spans ~20x and D 64x at defaults (256x
-each with `--preset paper`), not 7 orders of magnitude; a fixed step budget rather than
+Differences from the papers: a tiny CNN and data set, so N spans ~20x and D 64x at defaults
+(256x each with `--preset paper`), not 7 orders of magnitude; a fixed step budget rather than
 compute-optimal training; 2 seeds a point.
 """
 
@@ -95,69 +61,24 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import tyro
 from flax import nnx
 from scipy.optimize import OptimizeWarning, curve_fit
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 NUM_TRAIN_FULL = 60_000
 
 
-# %% ---------------------------------------------------------------- config
-@dataclass(frozen=True)
-class Config:
-    seed: int = 0
-    """Base random seed; seed i of each point uses seed + i for init, subset and batch order."""
-    out_dir: str = "runs/scaling_laws"
-    """Folder for metrics.json, runs.json and the figures."""
-    num_widths: int = 5
-    """Points in the model sweep: width multipliers 1, 1/2, ..., 1/2^(num_widths - 1)."""
-    num_data_sizes: int = 7
-    """Points in the data sweep: data fractions 1, 1/2, ..., 1/2^(num_data_sizes - 1)."""
-    base_channels: int = 16
-    """Channels of the first conv at width 1 (the second has twice as many)."""
-    steps: int = 800
-    """Optimizer steps per run, the same for every run (the step budget)."""
-    batch_size: int = 128
-    """Training images per step, drawn with replacement from the run's subset."""
-    learning_rate: float = 3e-3
-    """Peak Adam learning rate; cosine decay to zero over `steps`."""
-    eval_every: int = 50
-    """Steps between validation evaluations; the best one is kept (early stopping)."""
-    num_seeds: int = 2
-    """Seeds per point; the plots show their mean and std."""
-    val_size: int = 5000
-    """Training images held out as the validation set (the y-axis)."""
-    joint_grid: bool = True
-    """Also train the narrower models on every other data size, for the joint L(N, D) fit."""
-    preset: Literal["cpu", "paper"] = "cpu"
-    """Named defaults: `cpu` is the 2-core run above (N over ~18x, D over 64x, 2 seeds, 800 steps);
-    `paper` widens the sweep for an accelerator: 8 widths (c = 128 down to 1, N over 256x), 9 data
-    sizes (55,000 down to 214 images), 4 seeds, 4,000 steps a run. Flags given on the command line
-    override the preset's values."""
+# %% [markdown]
+# ## Helpers
+# Shared, character for character, with the other task files (a test checks it): option checks,
+# the staged output folder, metrics.json, figures, the phase timer, the command line, MNIST.
 
 
-PRESETS: dict[str, Config] = {
-    "cpu": Config(),
-    "paper": Config(
-        preset="paper",
-        num_widths=8,
-        base_channels=128,
-        num_data_sizes=9,
-        steps=4000,
-        eval_every=200,
-        num_seeds=4,
-    ),
-}
-
-
-# %% ---------------------------------------------------------------- helpers
+# %%
 def data_root() -> pathlib.Path:
     """The data and model cache: $TOY_EXAMPLES_DATA, else ~/.cache/toy_examples (`make data`)."""
     return pathlib.Path(os.environ.get("TOY_EXAMPLES_DATA", "~/.cache/toy_examples")).expanduser()
@@ -227,6 +148,32 @@ def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=1, allow_nan=False))
     os.replace(tmp, out / "metrics.json")
+
+
+def save_figure(fig, path) -> None:
+    """Save a figure into the run's folder and close it; in a notebook, also show it inline."""
+    fig.savefig(path, dpi=120)
+    if "ipykernel" in sys.modules:
+        from IPython.display import display
+
+        display(fig)
+    plt.close(fig)
+
+
+class PhaseTimer:
+    """Wall time of each phase of a run, for metrics.json's `time_split_s`. Call `lap(phase)` at
+    the end of each phase: "setup" (data, model, compilation where it happens before training),
+    "train", "evaluate", "figures"; a phase lapped twice adds up. `lap` returns the total so far."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.split: dict[str, float] = {}
+
+    def lap(self, phase: str) -> float:
+        now = time.perf_counter()
+        self.split[phase] = round(self.split.get(phase, 0.0) + now - self.last, 3)
+        self.last = now
+        return now - self.start
 
 
 def cli_config(args: list[str] | None = None) -> "Config":
@@ -312,36 +259,126 @@ def load_mnist() -> dict[str, np.ndarray]:
     }
 
 
-# %% ---------------------------------------------------------------- data
+# %% [markdown]
+# ## Config
+# The defaults are the 2-core CPU run; `--preset paper` widens both sweeps for an accelerator.
+
+
+# %%
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    """Base random seed; seed i of each point uses seed + i for init, subset and batch order."""
+    out_dir: str = "runs/scaling_laws"
+    """Folder for metrics.json, runs.json and the figures."""
+    num_widths: int = 5
+    """Points in the model sweep: width multipliers 1, 1/2, ..., 1/2^(num_widths - 1)."""
+    num_data_sizes: int = 7
+    """Points in the data sweep: data fractions 1, 1/2, ..., 1/2^(num_data_sizes - 1)."""
+    base_channels: int = 16
+    """Channels of the first conv at width 1 (the second has twice as many)."""
+    steps: int = 800
+    """Optimizer steps per run, the same for every run (the step budget)."""
+    batch_size: int = 128
+    """Training images per step, drawn with replacement from the run's subset."""
+    learning_rate: float = 3e-3
+    """Peak Adam learning rate; cosine decay to zero over `steps`."""
+    eval_every: int = 50
+    """Steps between validation evaluations; the best one is kept (early stopping)."""
+    num_seeds: int = 2
+    """Seeds per point; the plots show their mean and std."""
+    val_size: int = 5000
+    """Training images held out as the validation set (the y-axis)."""
+    joint_grid: bool = True
+    """Also train the narrower models on every other data size, for the joint L(N, D) fit."""
+    preset: Literal["cpu", "paper"] = "cpu"
+    """Named defaults: `cpu` is the 2-core run above (N over ~18x, D over 64x, 2 seeds, 800 steps);
+    `paper` widens the sweep for an accelerator: 8 widths (c = 128 down to 1, N over 256x), 9 data
+    sizes (55,000 down to 214 images), 4 seeds, 4,000 steps a run. Flags given on the command line
+    override the preset's values."""
+
+
+PRESETS: dict[str, Config] = {
+    "cpu": Config(),
+    "paper": Config(
+        preset="paper",
+        num_widths=8,
+        base_channels=128,
+        num_data_sizes=9,
+        steps=4000,
+        eval_every=200,
+        num_seeds=4,
+    ),  # fmt: skip
+}
+
+
+def validate(cfg: Config) -> None:
+    """Raise a one-line ValueError naming the option, before any data, model or compile work."""
+    if cfg.preset not in PRESETS:
+        raise option_error("preset", cfg.preset, f"must be one of {', '.join(PRESETS)}")
+    check_number(cfg, "seed", 0, 2**32, high_open=True)
+    check_number(cfg, "num_widths", 3, 12)  # a fit has 3 parameters
+    check_number(cfg, "num_data_sizes", 3, 16)
+    check_number(cfg, "base_channels", 1, 1024)
+    check_number(cfg, "steps", 1, 10**7)
+    check_number(cfg, "batch_size", 1, 65536)
+    check_number(cfg, "learning_rate", 0, 1, low_open=True)
+    check_number(cfg, "eval_every", 1, cfg.steps)
+    check_number(cfg, "num_seeds", 1, 1000)
+    check_number(cfg, "val_size", 1000, 30_000)
+    if cfg.seed + cfg.num_seeds > 2**32:
+        raise option_error("seed", cfg.seed, f"+ --num-seeds {cfg.num_seeds} must be <= 2^32")
+    if cfg.val_size % 1000:
+        raise option_error("val_size", cfg.val_size, "must be a multiple of 1000 (scored in 1000s)")
+    if cfg.base_channels < 2 ** (cfg.num_widths - 1):
+        need = f"must be >= 2^(num_widths - 1) = {2 ** (cfg.num_widths - 1)} for --num-widths "
+        need += f"{cfg.num_widths}, so that the narrowest model keeps >= 1 channel"
+        raise option_error("base_channels", cfg.base_channels, need)
+    if cfg.steps % cfg.eval_every:
+        raise option_error("eval_every", cfg.eval_every, f"must divide --steps {cfg.steps}")
+    smallest = (NUM_TRAIN_FULL - cfg.val_size) // 2 ** (cfg.num_data_sizes - 1)
+    if smallest < 10:
+        need = f"leaves {smallest} images in the smallest subset (with --val-size {cfg.val_size})"
+        raise option_error("num_data_sizes", cfg.num_data_sizes, need + "; need >= 10")
+    check_out_dir(cfg.out_dir)
+
+
+# %% [markdown]
+# ## Data
+# A fixed validation split (the same images score every run); the rest is the training pool that
+# the data sweep subsamples. Pixels are standardised with MNIST's mean 0.1307 and std 0.3081.
+
+
+# %%
 def load_splits(cfg: Config) -> dict[str, jax.Array]:
-    """Train / validation / test arrays on the device. The validation split is a fixed random
-    `val_size` of the 60,000 training images (seed-independent: every run is scored on the same
-    images); the rest is the training pool that the data sweep subsamples."""
+    """Train / validation / test arrays on the device; the validation split is seed-independent."""
     mnist = load_mnist()
     order = np.random.default_rng(12345).permutation(NUM_TRAIN_FULL)
     val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
+    x, y = mnist["x_train"], mnist["y_train"]
     return {
-        "train_x": jnp.asarray(mnist["x_train"][train_idx]),
-        "train_y": jnp.asarray(mnist["y_train"][train_idx]),
-        "val_x": jnp.asarray(mnist["x_train"][val_idx]),
-        "val_y": jnp.asarray(mnist["y_train"][val_idx]),
-        "test_x": jnp.asarray(mnist["x_test"]),
-        "test_y": jnp.asarray(mnist["y_test"]),
-    }
+        "train_x": jnp.asarray(x[train_idx]), "train_y": jnp.asarray(y[train_idx]),
+        "val_x": jnp.asarray(x[val_idx]), "val_y": jnp.asarray(y[val_idx]),
+        "test_x": jnp.asarray(mnist["x_test"]), "test_y": jnp.asarray(mnist["y_test"]),
+    }  # fmt: skip
 
 
 def to_input(images_u8: jax.Array) -> jax.Array:
-    """uint8 (B, 28, 28) -> standardised float (B, 28, 28, 1) with MNIST's mean and std."""
+    """uint8 (B, 28, 28) -> standardised float (B, 28, 28, 1)."""
     return ((images_u8.astype(jnp.float32) / 255.0 - 0.1307) / 0.3081)[..., None]
 
 
-# %% ---------------------------------------------------------------- model
-def space_to_depth(x: jax.Array) -> jax.Array:
-    """(B, H, W, C) -> (B, H/2, W/2, 4C): each 2x2 block of pixels becomes one pixel's features.
+# %% [markdown]
+# ## Model
+# A 2x2 stride-2 convolution is exactly a space-to-depth reshape followed by a matmul:
+# $y_{ij} = W\,[x_{2i,2j}, x_{2i,2j+1}, x_{2i+1,2j}, x_{2i+1,2j+1}] + b$. Its parameter count is
+# closed-form, $N(c) = 5c + (8c^2 + 2c) + (980c + 10)$, so N is known without building the model.
 
-    Feature order is (dy, dx, c), the same as a (2, 2, C, C_out) HWIO kernel reshaped to
-    (4C, C_out), so a 2x2 stride-2 convolution is exactly space_to_depth(x) @ kernel + bias.
-    """
+
+# %%
+def space_to_depth(x: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> (B, H/2, W/2, 4C), features ordered (dy, dx, c) like a reshaped HWIO
+    kernel, so a 2x2 stride-2 convolution is space_to_depth(x) @ kernel + bias."""
     b, h, w, c = x.shape
     x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h // 2, w // 2, 4 * c)
@@ -366,8 +403,7 @@ class CNN(nnx.Module):
         self.head = nnx.Linear(7 * 7 * 2 * channels, 10, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, 28, 28, 1) -> (B, 10)
-        h = jax.nn.relu(self.conv1(x))
-        h = jax.nn.relu(self.conv2(h))
+        h = jax.nn.relu(self.conv2(jax.nn.relu(self.conv1(x))))
         return self.head(h.reshape(h.shape[0], -1))
 
 
@@ -377,47 +413,37 @@ def param_count(channels: int) -> int:
     return (4 * 1 * c1 + c1) + (4 * c1 * c2 + c2) + (49 * c2 * 10 + 10)
 
 
-# %% ---------------------------------------------------------------- training
-@functools.cache  # a second sweep in the same process (tests, a notebook) reuses the programs
-def make_train(
-    steps: int,
-    eval_every: int,
-    batch_size: int,
-    learning_rate: float,
-    channels: int,
-    batched: bool = False,
-):
-    """A jitted train(params, key, n_train, perm, data) for one width; reused for every run.
+# %% [markdown]
+# ## Training: one step budget for every run, early stopping on validation
+# Each run draws `steps` batches with replacement from its subset `perm[:n_train]` (nested across
+# data sizes, as the same seed gives the same permutation) and keeps the parameters with the lowest
+# validation loss. `n_train` is traced, so one compiled program serves every data size of a width.
 
-    n_train is traced, so one compilation serves all data sizes: each step draws batch indices
-    uniformly from [0, n_train) and maps them through the run's permutation `perm` of the
-    training split, so the subset for n_train is perm[:n_train] (nested across data sizes).
-    batched=True vmaps it over a leading run axis of params, key, n_train and perm (data shared).
-    """
+
+# %%
+@functools.cache  # a second sweep in the same process (tests, a notebook) reuses the programs
+def make_train(steps, eval_every, batch_size, learning_rate, channels, batched=False):
+    """A jitted train(params, key, n_train, perm, data) for one width. batched=True vmaps it over
+    a leading run axis of params, key, n_train and perm (the data are shared)."""
     graphdef, _ = nnx.split(CNN(channels, nnx.Rngs(0)))
-    schedule = optax.cosine_decay_schedule(learning_rate, steps)
-    optimizer = optax.adam(schedule)
-    num_evals = steps // eval_every
+    optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
 
     def loss_fn(params, x, y):
         logits = nnx.merge(graphdef, params)(x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
 
     def evaluate(params, images, labels, eval_batch=1000):
-        """Mean cross-entropy and accuracy, in chunks to bound the activation memory."""
-        xs = images.reshape(-1, eval_batch, 28, 28)
-        ys = labels.reshape(-1, eval_batch)
+        """Mean cross-entropy and accuracy, in chunks of 1000 to bound the activation memory."""
 
         def one(xy):
             loss, logits = loss_fn(params, to_input(xy[0]), xy[1])
             return loss, (logits.argmax(-1) == xy[1]).mean()
 
-        losses, accs = jax.lax.map(one, (xs, ys))
+        xys = (images.reshape(-1, eval_batch, 28, 28), labels.reshape(-1, eval_batch))
+        losses, accs = jax.lax.map(one, xys)
         return losses.mean(), accs.mean()
 
     def train(params, key, n_train, perm, data):
-        opt_state = optimizer.init(params)
-
         def step(carry, step_key):
             params, opt_state = carry
             idx = perm[jax.random.randint(step_key, (batch_size,), 0, n_train)]
@@ -428,23 +454,18 @@ def make_train(
 
         def chunk(carry, chunk_key):
             params, opt_state, best = carry
-            (params, opt_state), losses = jax.lax.scan(
-                step, (params, opt_state), jax.random.split(chunk_key, eval_every)
-            )
+            keys = jax.random.split(chunk_key, eval_every)
+            (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), keys)
             val_loss, val_acc = evaluate(params, data["val_x"], data["val_y"])
-            # Early stopping: keep the parameters with the lowest validation loss so far.
-            better = val_loss < best["val_loss"]
-            best = jax.tree.map(
-                lambda new, old: jnp.where(better, new, old),
-                {"params": params, "val_loss": val_loss, "val_acc": val_acc},
-                best,
-            )
+            better = val_loss < best["val_loss"]  # early stopping: keep the best parameters
+            new = {"params": params, "val_loss": val_loss, "val_acc": val_acc}
+            best = jax.tree.map(lambda a, b: jnp.where(better, a, b), new, best)
             return (params, opt_state, best), (losses.mean(), val_loss, val_acc)
 
         best = {"params": params, "val_loss": jnp.inf, "val_acc": jnp.array(0.0)}
-        (_, _, best), history = jax.lax.scan(
-            chunk, (params, opt_state, best), jax.random.split(key, num_evals)
-        )
+        carry = (params, optimizer.init(params), best)
+        keys = jax.random.split(key, steps // eval_every)
+        (_, _, best), history = jax.lax.scan(chunk, carry, keys)
         test_loss, test_acc = evaluate(best["params"], data["test_x"], data["test_y"])
         return best["val_loss"], best["val_acc"], test_loss, test_acc, history
 
@@ -462,9 +483,8 @@ def run_inputs(channels: int, seed: int, num_train: int):
 def train_width(cfg: Config, data: dict, channels: int, jobs: list, batched: bool) -> list:
     """Train the (n_train, seed) runs of one width: one after another, or vmapped together with
     the run axis sharded over every device. Returns each run's outputs on the host."""
-    trainer = make_train(
-        cfg.steps, cfg.eval_every, cfg.batch_size, cfg.learning_rate, channels, batched
-    )
+    args = (cfg.steps, cfg.eval_every, cfg.batch_size, cfg.learning_rate, channels, batched)
+    trainer = make_train(*args)
     inputs = [run_inputs(channels, seed, data["train_x"].shape[0]) for _, seed in jobs]
     if not batched:
         return [
@@ -477,52 +497,54 @@ def train_width(cfg: Config, data: dict, channels: int, jobs: list, batched: boo
     return [jax.tree.map(lambda x, i=i: x[i], out) for i in range(len(jobs))]  # drops the padding
 
 
-def run_sweeps(
-    cfg: Config, data: dict, runs: list[tuple[int, int]], batched: bool | None = None
-) -> list[dict]:
-    """Train every (channels, n_train) run for every seed; one compilation per width.
+def run_record(cfg: Config, channels: int, n_train: int, seed: int, out) -> dict:
+    """One run's outputs as a JSON-able record; raises if its training loss went non-finite."""
+    val_loss, val_acc, test_loss, test_acc, (train_l, val_l, _) = out
+    bad = np.flatnonzero(~np.isfinite(train_l))
+    if bad.size:  # checked per chunk of eval_every steps, on the host, after the scan
+        raise FloatingPointError(
+            f"training diverged at step {(bad[0] + 1) * cfg.eval_every} (channels={channels}, "
+            f"n_train={n_train}, seed={seed}): loss is {train_l[bad[0]]}; try a smaller "
+            "--learning-rate"
+        )
+    return {
+        "channels": channels, "params": param_count(channels), "n_train": n_train, "seed": seed,
+        "val_loss": float(val_loss), "val_acc": float(val_acc),
+        "test_loss": float(test_loss), "test_acc": float(test_acc),
+        "best_step": int((np.argmin(val_l) + 1) * cfg.eval_every),
+        "val_loss_curve": [float(v) for v in val_l],
+        "train_loss_curve": [float(v) for v in train_l],
+    }  # fmt: skip
 
-    batched: vmap the runs of a width together, sharded over the devices; by default only on an
-    accelerator (on CPU it measured no faster, see the module docstring). Results come back in
-    the order of `runs`, then seeds, on either path.
-    """
+
+def run_sweeps(cfg: Config, data: dict, runs: list, batched: bool | None = None) -> list[dict]:
+    """Train every (channels, n_train) run for every seed; one compilation per width. batched:
+    vmap a width's runs together, sharded over the devices (default: only on an accelerator).
+    Results come back in the order of `runs`, then seeds, on either path."""
     batched = jax.default_backend() != "cpu" if batched is None else batched
     records, bar = {}, tqdm(total=len(runs) * cfg.num_seeds, desc="runs", disable=None)
     for channels in dict.fromkeys(c for c, _ in runs):  # widths in order of first appearance
         jobs = [(n, cfg.seed + s) for c, n in runs if c == channels for s in range(cfg.num_seeds)]
         for (n_train, seed), out in zip(jobs, train_width(cfg, data, channels, jobs, batched)):
-            val_loss, val_acc, test_loss, test_acc, (train_l, val_l, val_a) = out
-            bad = np.flatnonzero(~np.isfinite(train_l))
-            if bad.size:  # checked per chunk of eval_every steps, on the host, after the scan
-                raise FloatingPointError(
-                    f"training diverged at step {(bad[0] + 1) * cfg.eval_every} (channels="
-                    f"{channels}, n_train={n_train}, seed={seed}): loss is {train_l[bad[0]]}; "
-                    "try a smaller --learning-rate"
-                )
-            r = records[(channels, n_train, seed)] = {
-                "channels": channels,
-                "params": param_count(channels),
-                "n_train": n_train,
-                "seed": seed,
-                "val_loss": float(val_loss),
-                "val_acc": float(val_acc),
-                "test_loss": float(test_loss),
-                "test_acc": float(test_acc),
-                "best_step": int((np.argmin(val_l) + 1) * cfg.eval_every),
-                "val_loss_curve": [float(v) for v in val_l],
-                "train_loss_curve": [float(v) for v in train_l],
-            }
+            r = records[(channels, n_train, seed)] = run_record(cfg, channels, n_train, seed, out)
+            keys = ("channels", "params", "n_train", "seed", "val_loss", "val_acc", "best_step")
             print(
-                f"channels={channels} params={r['params']} n_train={n_train} seed={seed} "
-                f"val_loss={r['val_loss']:.4f} val_acc={r['val_acc']:.4f} "
-                f"best_step={r['best_step']}"
+                " ".join(f"{k}={r[k]:.4f}" if k.startswith("val") else f"{k}={r[k]}" for k in keys)
             )
             bar.update()
     bar.close()
     return [records[(c, n, cfg.seed + s)] for c, n in runs for s in range(cfg.num_seeds)]
 
 
-# %% ---------------------------------------------------------------- power-law fits
+# %% [markdown]
+# ## Evaluate: power-law fits
+# We fit $L(x) = E + A x^{-\alpha}$ by least squares on $\log L$, with $E \in [0, \min L]$ (the
+# floor lies below every point), $A$ fitted as $\log A$ and $x$ rescaled by its geometric mean so
+# the optimiser sees parameters of order one; $R^2$ is of $\log L$. The joint law
+# $L(N, D) = E + A/N^\alpha + B/D^\beta$ is fitted the same way on every (N, D) point.
+
+
+# %%
 def power_law(x: np.ndarray, e: float, a: float, alpha: float) -> np.ndarray:
     """L(x) = E + A x^(-alpha)."""
     return e + a * np.power(x, -alpha)
@@ -533,28 +555,25 @@ def r_squared(y: np.ndarray, y_hat: np.ndarray) -> float:
     return float(1.0 - np.sum((y - y_hat) ** 2) / np.sum((y - y.mean()) ** 2))
 
 
-def fit_power_law(x: np.ndarray, loss: np.ndarray) -> dict[str, float]:
-    """Fit L = E + A x^(-alpha) by least squares on log L; R^2 is of log L.
-
-    A is fitted as log A and x is rescaled by its geometric mean, so all three parameters are
-    of order one for the optimizer; E is kept in [0, min L] (the floor lies below every point).
-    """
-    x, loss = np.asarray(x, float), np.asarray(loss, float)
-    scale = np.exp(np.mean(np.log(x)))
-
-    def log_model(xs, e, log_a, alpha):
-        return np.log(e + np.exp(log_a) * np.power(xs / scale, -alpha))
-
-    p0 = (0.5 * loss.min(), np.log(loss.mean()), 0.5)
-    bounds = ([0.0, -20.0, 0.0], [loss.min(), 20.0, 5.0])
+def fit_log_law(log_model, x, loss: np.ndarray, p0: tuple, bounds: tuple) -> tuple:
+    """Least squares on log L (curve_fit); returns the parameters and R^2 of log L."""
     with warnings.catch_warnings():  # no covariance when E sits on its bound; we do not use it
         warnings.simplefilter("ignore", OptimizeWarning)
-        (e, log_a, alpha), _ = curve_fit(
-            log_model, x, np.log(loss), p0=p0, bounds=bounds, maxfev=20000
-        )
-    a = float(np.exp(log_a) * scale**alpha)  # undo the rescaling: A (x/s)^-a = A s^a x^-a
-    r2 = r_squared(np.log(loss), log_model(x, e, log_a, alpha))
-    return {"E": float(e), "A": a, "alpha": float(alpha), "r2": r2}
+        popt, _ = curve_fit(log_model, x, np.log(loss), p0=p0, bounds=bounds, maxfev=20000)
+    return popt, r_squared(np.log(loss), log_model(x, *popt))
+
+
+def fit_power_law(x: np.ndarray, loss: np.ndarray) -> dict[str, float]:
+    """Fit L = E + A x^(-alpha); returns E, A, alpha and R^2."""
+    x, loss = np.asarray(x, float), np.asarray(loss, float)
+    s = np.exp(np.mean(np.log(x)))  # geometric mean: fit A (x / s)^-alpha, then A s^alpha
+
+    def log_model(xs, e, log_a, alpha):
+        return np.log(e + np.exp(log_a) * np.power(xs / s, -alpha))
+
+    p0, bounds = (0.5 * loss.min(), np.log(loss.mean()), 0.5), ([0, -20, 0], [loss.min(), 20, 5])
+    (e, log_a, alpha), r2 = fit_log_law(log_model, x, loss, p0, bounds)
+    return {"E": float(e), "A": float(np.exp(log_a) * s**alpha), "alpha": float(alpha), "r2": r2}
 
 
 def joint_law(nd: tuple[np.ndarray, np.ndarray], e, a, alpha, b, beta) -> np.ndarray:
@@ -564,7 +583,7 @@ def joint_law(nd: tuple[np.ndarray, np.ndarray], e, a, alpha, b, beta) -> np.nda
 
 
 def fit_joint_law(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> dict[str, float]:
-    """Fit L(N, D) = E + A/N^alpha + B/D^beta on log L, with the same rescaling as above."""
+    """Fit L(N, D) = E + A/N^alpha + B/D^beta, with the same rescaling as above."""
     n, d, loss = np.asarray(n, float), np.asarray(d, float), np.asarray(loss, float)
     sn, sd = np.exp(np.mean(np.log(n))), np.exp(np.mean(np.log(d)))
 
@@ -575,19 +594,9 @@ def fit_joint_law(n: np.ndarray, d: np.ndarray, loss: np.ndarray) -> dict[str, f
 
     p0 = (0.5 * loss.min(), np.log(loss.mean() / 2), 0.5, np.log(loss.mean() / 2), 0.5)
     bounds = ([0.0, -20.0, 0.0, -20.0, 0.0], [loss.min(), 20.0, 5.0, 20.0, 5.0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", OptimizeWarning)
-        popt, _ = curve_fit(log_model, (n, d), np.log(loss), p0=p0, bounds=bounds, maxfev=20000)
-    e, log_a, alpha, log_b, beta = popt
-    r2 = r_squared(np.log(loss), log_model((n, d), *popt))
-    return {
-        "E": float(e),
-        "A": float(np.exp(log_a) * sn**alpha),
-        "alpha": float(alpha),
-        "B": float(np.exp(log_b) * sd**beta),
-        "beta": float(beta),
-        "r2": r2,
-    }
+    (e, log_a, alpha, log_b, beta), r2 = fit_log_law(log_model, (n, d), loss, p0, bounds)
+    a, b = float(np.exp(log_a) * sn**alpha), float(np.exp(log_b) * sd**beta)
+    return {"E": float(e), "A": a, "alpha": float(alpha), "B": b, "beta": float(beta), "r2": r2}
 
 
 def aggregate(results: list[dict], key: str) -> dict[tuple[int, int], tuple[float, float]]:
@@ -598,77 +607,56 @@ def aggregate(results: list[dict], key: str) -> dict[tuple[int, int], tuple[floa
     return {k: (float(np.mean(v)), float(np.std(v))) for k, v in groups.items()}
 
 
-# %% ---------------------------------------------------------------- figures
+# %% [markdown]
+# ## Figures
+# `scaling.png`: both sweeps on log-log axes with their fits (the README figure); `joint.png`:
+# every (N, D) point with the joint law; `curves.png`: the data sweep's validation loss against
+# step, with the point that early stopping keeps (small subsets overfit early).
+
+
+# %%
 def plot_scaling(path, model_pts, data_pts, model_fit, data_fit) -> None:
-    """Validation loss (log-log, with fits) and accuracy against N and against D."""
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for col, (pts, fit, xlabel, name) in enumerate(
-        [
-            (model_pts, model_fit, "parameters N", "model sweep (all data)"),
-            (data_pts, data_fit, "training images D", "data sweep (full model)"),
-        ]
-    ):
-        x = np.array([p["x"] for p in pts])
-        ax = axes[0, col]
-        ax.errorbar(x, [p["loss"] for p in pts], [p["loss_std"] for p in pts], fmt="o", capsize=3)
+    """Best validation loss (log-log, mean ± std over seeds) against N and against D, with fits."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    sweeps = [(model_pts, model_fit, "parameters N (all data)", "model sweep")]
+    sweeps += [(data_pts, data_fit, "training images D (widest model)", "data sweep")]
+    for ax, (pts, fit, xlabel, name) in zip(axes, sweeps):
+        x, loss = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+        ax.errorbar(x, loss, [p[2] for p in pts], fmt="o", ms=7, capsize=3, label="runs")
         grid = np.geomspace(x.min(), x.max(), 100)
-        ax.plot(
-            grid,
-            power_law(grid, fit["E"], fit["A"], fit["alpha"]),
-            "r-",
-            label=(
-                f"E + A x^-alpha: alpha={fit['alpha']:.3f}, E={fit['E']:.3f}, R²={fit['r2']:.3f}"
-            ),
-        )
-        if fit["E"] > 0.01 * min(p["loss"] for p in pts):  # a floor at ~0 would squash the axis
-            ax.axhline(fit["E"], color="gray", ls=":", label="fitted floor E")
-        ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="best validation loss (nats)")
-        ax.set_title(f"{name}: validation loss")
-        ax.legend(fontsize=8)
-        ax = axes[1, col]
-        ax.errorbar(x, [p["acc"] for p in pts], [p["acc_std"] for p in pts], fmt="o-", capsize=3)
-        ax.set(xscale="log", xlabel=xlabel, ylabel="validation accuracy")
-        ax.set_title(f"{name}: validation accuracy")
-    fig.suptitle("MNIST CNN: validation loss vs model and data size (mean ± std over seeds)")
+        label = f"α = {fit['alpha']:.2f}, R² = {fit['r2']:.3f}"
+        ax.plot(grid, power_law(grid, fit["E"], fit["A"], fit["alpha"]), "r-", lw=2, label=label)
+        ax.set(xscale="log", yscale="log", title=f"{name}: E + A x^-α")
+        ax.set_xlabel(xlabel, fontsize=12)
+        ax.legend(fontsize=12)
+    axes[0].set_ylabel("best validation loss (nats)", fontsize=12)
+    fig.suptitle("MNIST CNN: validation loss vs model size and data size", fontsize=13)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def plot_joint(path, loss_pts, joint_fit) -> None:
+def plot_joint(path, losses: dict, joint_fit: dict) -> None:
     """Every (N, D) point against D, one line per width, with the joint fit's prediction."""
     fig, ax = plt.subplots(figsize=(7, 5))
     by_channels: dict[int, list] = {}
-    for (channels, n_train), (mean, std) in sorted(loss_pts.items()):
+    for (channels, n_train), (mean, std) in sorted(losses.items()):
         by_channels.setdefault(channels, []).append((n_train, mean, std))
+    j = joint_fit
     for i, (channels, pts) in enumerate(sorted(by_channels.items())):
         d, mean, std = map(np.array, zip(*pts))
-        n = param_count(channels)
-        color = f"C{i}"
-        ax.errorbar(d, mean, std, fmt="o", color=color, capsize=3, label=f"N={n}")
-        grid = np.geomspace(d.min(), d.max(), 50)
-        j = joint_fit
-        ax.plot(
-            grid,
-            joint_law((n, grid), j["E"], j["A"], j["alpha"], j["B"], j["beta"]),
-            "-",
-            color=color,
-            alpha=0.7,
-        )
-    ax.set(
-        xscale="log", yscale="log", xlabel="training images D", ylabel="best validation loss (nats)"
-    )
-    ax.set_title(
-        f"joint fit E + A/N^α + B/D^β: α={joint_fit['alpha']:.2f}, "
-        f"β={joint_fit['beta']:.2f}, R²={joint_fit['r2']:.3f}"
-    )
+        n, grid = param_count(channels), np.geomspace(d.min(), d.max(), 50)
+        ax.errorbar(d, mean, std, fmt="o", color=f"C{i}", capsize=3, label=f"N={n}")
+        fit = joint_law((n, grid), j["E"], j["A"], j["alpha"], j["B"], j["beta"])
+        ax.plot(grid, fit, "-", color=f"C{i}", alpha=0.7)
+    ax.set(xscale="log", yscale="log", xlabel="training images D")
+    ax.set(ylabel="best validation loss (nats)")
+    ax.set_title(f"joint fit: α={j['alpha']:.2f}, β={j['beta']:.2f}, R²={j['r2']:.3f}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def plot_curves(path, results, channels, eval_every) -> None:
+def plot_curves(path, results: list[dict], channels: int, eval_every: int) -> None:
     """Validation loss against step for the data sweep: small subsets overfit, early stopping."""
     fig, ax = plt.subplots(figsize=(7, 5))
     runs = [r for r in results if r["channels"] == channels and r["seed"] == results[0]["seed"]]
@@ -677,138 +665,88 @@ def plot_curves(path, results, channels, eval_every) -> None:
         ax.plot(steps, r["val_loss_curve"], "o-", ms=3, color=f"C{i}", label=f"D={r['n_train']}")
         ax.plot(r["best_step"], r["val_loss"], "k*", ms=10)
     ax.set(yscale="log", xlabel="optimizer step", ylabel="validation loss (nats)")
-    ax.set_title("full model, same step budget: best point (*) is what the sweep records")
+    ax.set_title("widest model, same step budget: the best point (*) is what the sweep keeps")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-# %% ---------------------------------------------------------------- main
-def validate(cfg: Config) -> None:
-    """Raise a one-line ValueError naming the option, before any data, model or compile work."""
-    if cfg.preset not in PRESETS:
-        raise option_error("preset", cfg.preset, f"must be one of {', '.join(PRESETS)}")
-    check_number(cfg, "seed", 0, 2**32, high_open=True)
-    check_number(cfg, "num_widths", 3, 12)  # a fit has 3 parameters
-    check_number(cfg, "num_data_sizes", 3, 16)
-    check_number(cfg, "base_channels", 1, 1024)
-    check_number(cfg, "steps", 1, 10**7)
-    check_number(cfg, "batch_size", 1, 65536)
-    check_number(cfg, "learning_rate", 0, 1, low_open=True)
-    check_number(cfg, "eval_every", 1, cfg.steps)
-    check_number(cfg, "num_seeds", 1, 1000)
-    check_number(cfg, "val_size", 1000, 30_000)
-    if cfg.seed + cfg.num_seeds > 2**32:
-        raise option_error("seed", cfg.seed, f"+ --num-seeds {cfg.num_seeds} must be <= 2^32")
-    if cfg.val_size % 1000:
-        raise option_error(
-            "val_size", cfg.val_size, "must be a multiple of 1000 (it is scored in chunks of 1000)"
-        )
-    if cfg.base_channels < 2 ** (cfg.num_widths - 1):
-        raise option_error(
-            "base_channels",
-            cfg.base_channels,
-            f"must be >= 2^(num_widths - 1) = {2 ** (cfg.num_widths - 1)} for --num-widths "
-            f"{cfg.num_widths}, so that the narrowest model keeps >= 1 channel",
-        )
-    if cfg.steps % cfg.eval_every:
-        raise option_error("eval_every", cfg.eval_every, f"must divide --steps {cfg.steps}")
-    smallest = (NUM_TRAIN_FULL - cfg.val_size) // 2 ** (cfg.num_data_sizes - 1)
-    if smallest < 10:
-        raise option_error(
-            "num_data_sizes",
-            cfg.num_data_sizes,
-            f"leaves {smallest} images in the smallest subset (with --val-size {cfg.val_size}); "
-            "need >= 10",
-        )
-    check_out_dir(cfg.out_dir)
+# %% [markdown]
+# ## Main
+# Plan the runs, train them, fit the laws, draw, and write metrics.json last (with the bars:
+# `model_r2_target`, `data_r2_target`, `wall_time_s_ceiling`).
+
+
+# %%
+def plan_runs(cfg: Config, num_train: int) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """Widths (channels, widest first), data sizes (largest first) and the (channels, n_train)
+    runs: the data sweep, the model sweep, then the joint grid."""
+    widths = [cfg.base_channels // 2**k for k in range(cfg.num_widths)]
+    sizes = [num_train // 2**k for k in range(cfg.num_data_sizes)]
+    runs = [(widths[0], d) for d in sizes] + [(c, sizes[0]) for c in widths[1:]]
+    if cfg.joint_grid:  # narrower models on every other smaller data size
+        runs += [(c, d) for c in widths[1:] for d in sizes[2::2]]
+    return widths, sizes, runs
+
+
+def fit_all(results: list[dict], widths: list[int], sizes: list[int]) -> tuple:
+    """The 1-D fits of the two sweeps, the joint fit of every point, and the plotted points
+    (x, mean loss, std over seeds)."""
+    losses = aggregate(results, "val_loss")
+    model_pts = [(param_count(c), *losses[(c, sizes[0])]) for c in widths]
+    data_pts = [(d, *losses[(widths[0], d)]) for d in sizes]
+    model_fit = fit_power_law([p[0] for p in model_pts], [p[1] for p in model_pts])
+    data_fit = fit_power_law([p[0] for p in data_pts], [p[1] for p in data_pts])
+    keys = sorted(losses)
+    n, d = [param_count(c) for c, _ in keys], [d for _, d in keys]
+    joint_fit = fit_joint_law(n, d, [losses[k][0] for k in keys])
+    return model_fit, data_fit, joint_fit, model_pts, data_pts, losses
 
 
 def main(cfg: Config) -> dict:
     validate(cfg)
-    t0 = time.perf_counter()
+    timer = PhaseTimer()
     data = load_splits(cfg)
-    num_train = data["train_x"].shape[0]
-
-    widths = [cfg.base_channels // 2**k for k in range(cfg.num_widths)]  # channels, widest first
-    sizes = [num_train // 2**k for k in range(cfg.num_data_sizes)]  # n_train, largest first
-    full_c, full_d = widths[0], sizes[0]
-    runs = [(full_c, d) for d in sizes] + [(c, full_d) for c in widths[1:]]
-    if cfg.joint_grid:  # narrower models on every other smaller data size
-        runs += [(c, d) for c in widths[1:] for d in sizes[2::2]]
-
+    widths, sizes, runs = plan_runs(cfg, data["train_x"].shape[0])
     batched = jax.default_backend() != "cpu"  # see run_sweeps and the module docstring
-    sweep_start = time.perf_counter()
+    timer.lap("setup")  # each width compiles inside the sweep, on its first run
     results = run_sweeps(cfg, data, runs, batched)
-    sweep_seconds = time.perf_counter() - sweep_start
-
-    losses, accs = aggregate(results, "val_loss"), aggregate(results, "val_acc")
-
-    def points(keys, xs):
-        return [
-            {
-                "x": x,
-                "loss": losses[k][0],
-                "loss_std": losses[k][1],
-                "acc": accs[k][0],
-                "acc_std": accs[k][1],
-            }
-            for k, x in zip(keys, xs)
-        ]
-
-    model_pts = points([(c, full_d) for c in widths], [param_count(c) for c in widths])
-    data_pts = points([(full_c, d) for d in sizes], sizes)
-    model_fit = fit_power_law([p["x"] for p in model_pts], [p["loss"] for p in model_pts])
-    data_fit = fit_power_law([p["x"] for p in data_pts], [p["loss"] for p in data_pts])
-    keys = sorted(losses)
-    joint_fit = fit_joint_law(
-        [param_count(c) for c, _ in keys], [d for _, d in keys], [losses[k][0] for k in keys]
-    )
-
-    full = [r for r in results if r["channels"] == full_c and r["n_train"] == full_d]
+    sweep_seconds = timer.lap("train") - timer.split["setup"]
+    model_fit, data_fit, joint_fit, model_pts, data_pts, losses = fit_all(results, widths, sizes)
+    full = [r for r in results if r["channels"] == widths[0] and r["n_train"] == sizes[0]]
     metrics = {
-        "task": "scaling_laws",
-        "seed": cfg.seed,
-        "num_seeds": cfg.num_seeds,
+        "task": "scaling_laws", "seed": cfg.seed, "num_seeds": cfg.num_seeds,
         "num_runs": len(results),
         **{f"model_{k}": v for k, v in model_fit.items()},
         **{f"data_{k}": v for k, v in data_fit.items()},
         **{f"joint_{k}": v for k, v in joint_fit.items()},
-        "model_r2_target": 0.95,
-        "data_r2_target": 0.95,
-        "params_min": param_count(widths[-1]),
-        "params_max": param_count(full_c),
-        "n_train_min": sizes[-1],
-        "n_train_max": full_d,
+        "model_r2_target": 0.95, "data_r2_target": 0.95,
+        "params_min": param_count(widths[-1]), "params_max": param_count(widths[0]),
+        "n_train_min": sizes[-1], "n_train_max": sizes[0],
         "full_val_loss": float(np.mean([r["val_loss"] for r in full])),
         "full_val_accuracy": float(np.mean([r["val_acc"] for r in full])),
         "full_test_accuracy": float(np.mean([r["test_acc"] for r in full])),
-        "steps_per_run": cfg.steps,
-        "preset": getattr(cfg, "preset", "cpu"),
-        **device_info(),
+        "steps_per_run": cfg.steps, "preset": cfg.preset, **device_info(),
         "runs_vmapped": int(batched),
         # optimizer steps of all runs per second of the sweep, compilation included
-        "throughput": len(results) * cfg.steps / sweep_seconds,
-        "throughput_unit": "steps/s",
-        "wall_time_s": time.perf_counter() - t0,
-        "wall_time_target_s": 300.0,
-    }
-    metrics = {
-        k: (v if isinstance(v, str) else float(v) if isinstance(v, float) else int(v))
-        for k, v in metrics.items()
-    }
+        "throughput": len(results) * cfg.steps / sweep_seconds, "throughput_unit": "steps/s",
+        "wall_time_s": time.perf_counter() - timer.start, "wall_time_s_ceiling": 300.0,
+    }  # fmt: skip
+    timer.lap("evaluate")
     print(
         " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
     )
     with staged_run(cfg.out_dir) as out:
         plot_scaling(out / "scaling.png", model_pts, data_pts, model_fit, data_fit)
         plot_joint(out / "joint.png", losses, joint_fit)
-        plot_curves(out / "curves.png", results, full_c, cfg.eval_every)
+        plot_curves(out / "curves.png", results, widths[0], cfg.eval_every)
         (out / "runs.json").write_text(json.dumps(results, allow_nan=False))
+        timer.lap("figures")
+        metrics["time_split_s"] = timer.split
         write_metrics(out, cfg, metrics)
     return metrics
 
 
+# %%
 if __name__ == "__main__":
     run_cli()

@@ -1,61 +1,51 @@
 """PPO writes Shakespeare-like lines: RLHF in miniature, with a frozen n-gram model as the reward.
 
-What this teaches
------------------
-How a language model is fine-tuned with reinforcement learning, the way RLHF does it:
-1. pretrain a small autoregressive policy by maximum likelihood (MLE) on Shakespeare's sonnets;
-   a frozen copy of it is the *reference* policy pi_ref;
-2. sample two-line verses from the policy; each token is an action, each verse an episode;
-3. score every verse with a reward model; here it is hand-made and frozen: the average
-   log-likelihood of the verse under a smoothed trigram model of the training sonnets (the LM
-   term: locally grammatical, Shakespeare's word pairs) plus a metre term (ten syllables a line);
-4. improve the policy with PPO, paying a KL penalty for drifting away from pi_ref;
-5. judge the result with a model that PPO never saw, the packaged SmolLM2-135M (how likely it
-   finds the verses), and check that PPO did not learn to copy the training text.
+What this teaches: how a language model is fine-tuned with reinforcement learning, as RLHF does.
+1. Pretrain a small autoregressive policy by maximum likelihood on Shakespeare's sonnets; a frozen
+   copy of it is the *reference* policy pi_ref.
+2. Sample two-line verses from the policy: each token is an action, each verse an episode.
+3. Score every verse with a frozen reward model, here hand-made: the mean log-likelihood of the
+   verse under a smoothed trigram model of the training sonnets, plus a metre term.
+4. Improve the policy with PPO, paying a per-token KL penalty for drifting away from pi_ref.
+5. Judge the result with a model PPO never saw (SmolLM2-135M: log-prob per token), and check
+   that PPO did not learn to copy the training text.
 
-Key equations (Schulman et al. 2017, "Proximal Policy Optimization Algorithms"; Ziegler et al. 2019,
-"Fine-Tuning Language Models from Human Preferences" for the KL-penalised reward):
-    task reward   R(x) = 1/L sum_t log p_3gram(x_t | x_{t-2}, x_{t-1})                 (LM term)
-                         - w_metre/2 * (sum_lines |syllables(line) - 10| / 10 + |lines - 2|)
-    RL reward     r_t  = R(x) [t = last] - beta (log pi(x_t|h_t) - log pi_ref(x_t|h_t))
-    GAE           delta_t = r_t + gamma V(h_{t+1}) (1 - done_t) - V(h_t)
-                  A_t = delta_t + gamma lambda (1 - done_t) A_{t+1}
-    PPO ratio     rho_t = exp(log pi_theta(a_t|h_t) - log pi_old(a_t|h_t))   <- the CHOSEN token a_t
-    PPO loss      -min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t) + c_v (V - G)^2 - c_H H[pi(.|h_t)]
-    judge         J = sum_x log p_SmolLM2(x) / sum_x |x|   (log-prob per token, = -log perplexity)
-The ratio must look at the chosen action: a public reference notebook computed it from the
-whole distribution, so every token got the same update, and the policy collapsed to "I I I I".
-`test_shakespeare_ppo_ratio_depends_on_chosen_action` pins this.
+Key equations (Schulman et al. 2017, "Proximal Policy Optimization Algorithms"; Ziegler et al.
+2019, "Fine-Tuning Language Models from Human Preferences", for the KL-penalised reward):
+    R(x)  = 1/L sum_t log p_3gram(x_t | x_{t-2}, x_{t-1}) - metre cost          (task reward)
+    r_t   = R(x) [t = last] - beta (log pi(x_t|h_t) - log pi_ref(x_t|h_t))     (RL reward)
+    rho_t = pi_theta(a_t|h_t) / pi_old(a_t|h_t)          <- the CHOSEN token a_t
+    loss  = -min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t) + c_v (V - G)^2 - c_H H    (A_t: GAE)
+The ratio must look at the chosen action: a public reference notebook computed it from the whole
+distribution, so every token got the same update and the policy collapsed to "I I I I";
+`test_shakespeare_ppo_ratio_depends_on_chosen_action` pins this. Rollout, reward, GAE and the
+epochs of updates are one jitted function scanned over iterations (PureJaxRL style), vmapped
+over seeds, with the seed axis sharded over all local devices.
 
-Everything after data loading runs in JAX: rollout, reward, GAE, several epochs of minibatch
-updates are one jitted function scanned over iterations (PureJaxRL style), vmapped over seeds,
-with the seed axis sharded over all local devices.
-
-Usage
------
     python tasks/shakespeare_ppo.py
     python tasks/shakespeare_ppo.py --help
+    python studies/shakespeare_ppo_temperature.py    # the reference cooled to PPO's diversity
 
-Expected result (defaults, 3 PPO seeds from one reference policy; a few minutes on 2 cores):
-the task reward goes from -5.75 (reference) to -5.15 +- 0.04, nearly all of it in the LM term;
-the independent judge (SmolLM2 log-prob per token) from -6.85 to -6.38 +- 0.04, where real
-held-out couplets score -6.02; the longest span copied from the training text stays short (4 to
-5 words) and distinct-2 falls from 0.69 to 0.57. The reference sampled at T ~ 0.85 (the same
-distinct-2, no training) scores as well: here PPO mostly sharpens pi_ref. Table, samples side
-by side and findings: docs/shakespeare_ppo.md. Outputs go to runs/shakespeare_ppo/.
+Expected result (defaults: 3 PPO seeds from one reference policy; a few minutes on 2 CPU cores,
+see docs/shakespeare_ppo.md): the task reward goes from -5.75 (reference) to -5.15 +- 0.04,
+nearly all of it in the LM term; the judge from -6.85 to -6.38 +- 0.04, where real held-out
+couplets score -6.02; the longest span copied from the training text stays at 4 to 5 words, and
+distinct-2 falls from 0.69 to 0.57. The study shows that the reference sampled at T ~ 0.82 (the
+same distinct-2, no training) scores as well: here PPO mostly sharpens pi_ref.
 
-Differences from the papers
----------------------------
-- The reward model is a trigram model plus a syllable count, not a network trained on human
-  preferences; it is cheap, frozen and transparent. It is fit on the training sonnets, so PPO is
-  partly rewarded for reusing their phrases: the copy check measures how far that goes.
-- The policy is a one-layer GRU (128 units) over a 500-token vocabulary (words and punctuation,
-  plus a line break, an end token and an unknown token it never emits); the critic is a separate
-  small GRU. Tiny next to any LM used for RLHF, so the samples read as Shakespeare-flavoured
-  word salad with local grammar, not as poetry.
+Differences from the papers: the reward model is a trigram model plus a syllable count, not a
+network trained on human preferences (cheap, frozen, transparent; fit on the training sonnets, so
+PPO is partly rewarded for reusing their phrases, which the copy check measures). The policy is
+a one-layer GRU (128 units) over 503 tokens, the critic a separate small GRU, the KL coefficient
+fixed (no adaptive controller): the samples read as Shakespeare-flavoured word salad with local
+grammar, not as poetry.
 """
 
-# %% Imports ---------------------------------------------------------------------------------------
+# %% [markdown]
+# ## Imports and constants
+# The policy, the reward and PPO are JAX (Flax NNX, optax); only the judge, SmolLM2, is PyTorch.
+
+# %%
 import collections
 import contextlib
 import dataclasses
@@ -76,16 +66,13 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import torch
 import tyro
 from flax import nnx
 from tqdm.auto import tqdm
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 MAX_LEN = 32  # tokens per verse (two lines of ~9.5 tokens, a line break and the end token fit)
 EMBED_DIM, POLICY_HIDDEN, CRITIC_HIDDEN = 64, 128, 64
@@ -102,7 +89,14 @@ COPY_WORDS_OK = 6  # a copied span of up to 6 words is a common phrase, not plag
 JUDGE_RANDOM = 64  # verses of the random policy the judge reads (its SEM is then about 0.06)
 
 
-# %% ---------------------------------------------------------------- helpers
+# %% [markdown]
+# ## Helpers
+# The same in every task (a test compares the copies): option checks, the run folder written whole
+# and atomically, the command line, the device and the seed axis over devices, the packaged
+# SmolLM2 and the sonnets file with its checksum.
+
+
+# %%
 def data_root() -> pathlib.Path:
     """The data and model cache: $TOY_EXAMPLES_DATA, else ~/.cache/toy_examples (`make data`)."""
     return pathlib.Path(os.environ.get("TOY_EXAMPLES_DATA", "~/.cache/toy_examples")).expanduser()
@@ -211,6 +205,22 @@ def save_figure(fig, path) -> None:
     plt.close(fig)
 
 
+class PhaseTimer:
+    """Wall time of each phase of a run, for metrics.json's `time_split_s`. Call `lap(phase)` at
+    the end of each phase: "setup" (data, model, compilation where it happens before training),
+    "train", "evaluate", "figures"; a phase lapped twice adds up. `lap` returns the total so far."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.split: dict[str, float] = {}
+
+    def lap(self, phase: str) -> float:
+        now = time.perf_counter()
+        self.split[phase] = round(self.split.get(phase, 0.0) + now - self.last, 3)
+        self.last = now
+        return now - self.start
+
+
 def device_info() -> dict:
     """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
     devices = jax.devices()
@@ -296,7 +306,12 @@ def read_sonnets_text() -> str:
     return raw.decode("utf-8")
 
 
-# %% Config ----------------------------------------------------------------------------------------
+# %% [markdown]
+# ## Config
+# The defaults are the 2-core CPU run: one reference policy, three PPO seeds trained together.
+
+
+# %%
 @dataclass(frozen=True)
 class Config:
     vocab_size: int = 500
@@ -330,7 +345,13 @@ class Config:
 PRESETS: dict[str, Config] = {"cpu": Config()}
 
 
-# %% Data: sonnets -> couplets of token ids -----------------------------------------------------
+# %% [markdown]
+# ## Data: sonnets to couplets of token ids
+# Every tenth sonnet is held out. A verse is two consecutive lines, `line <nl> line <end>`, in
+# a 500-word vocabulary; the MLE data is every pair of consecutive lines of the training sonnets.
+
+
+# %%
 def parse_sonnets(text: str) -> list[list[str]]:
     """The 154 sonnets as lists of lines; the file's headers are Roman numerals."""
     blocks = re.split(r"\n\s*[IVXLC]+\s*\n", text)[1:]  # [0] is the title
@@ -382,7 +403,49 @@ def valid_mask(tokens: jax.Array) -> jax.Array:
     return (ends_before == 0).astype(jnp.float32)
 
 
-# %% Reward model: a frozen, smoothed trigram model --------------------------------------------
+def prepare_data(vocab_size: int) -> dict:
+    """Split the sonnets, build the vocabulary, encode, and fit both frozen n-gram models."""
+    sonnets = parse_sonnets(read_sonnets_text())  # sha256 checked
+    train_sonnets = [s for i, s in enumerate(sonnets) if i % HELDOUT_EVERY]
+    heldout_sonnets = [s for i, s in enumerate(sonnets) if i % HELDOUT_EVERY == 0]
+    vocab = build_vocab(train_sonnets, vocab_size)
+    train, heldout = encode_couplets(train_sonnets, vocab), encode_couplets(heldout_sonnets, vocab)
+    corpus = np.concatenate([train, heldout])
+    # The training text as one run of word ids, -1 between sonnets (matches nothing).
+    train_words = [[w for line in s for w in tokenize_line(line) if w[0].isalpha()] + [""]
+                   for s in train_sonnets]  # fmt: skip
+    index = {w: i for i, w in enumerate(sorted({w for s in train_words for w in s if w}))}
+    return {
+        "vocab": vocab,
+        "train": train,  # (N, MAX_LEN): lines (2k, 2k+1) of each training sonnet
+        "heldout": heldout,
+        "mle_pairs": encode_couplets(train_sonnets, vocab, stride=1),  # all 13 line pairs
+        "syllables": jnp.array(
+            [count_syllables(w) if i >= len(SPECIALS) else 0 for i, w in enumerate(vocab)]
+        ),
+        "reward_ngram": fit_ngram(train, len(vocab)),  # the frozen reward model
+        "heldout_ngram": fit_ngram(heldout, len(vocab)),  # only for the held-out perplexity
+        "corpus_bigrams": {(int(b), int(c)) for row in corpus for b, c in zip(row, row[1:])},
+        "train_ids": np.array([index.get(w, -1) for s in train_words for w in s]),
+        "train_index": index,
+        # Real held-out couplets, written like generated verses (lower case, words and
+        # punctuation) but with every word kept: what Shakespeare himself scores under the judge.
+        "heldout_texts": [words_to_text(w) for w in couplet_words(heldout_sonnets)],
+    }
+
+
+# %% [markdown]
+# ## Reward model: a frozen, smoothed trigram model and a syllable count
+# The LM term interpolates trigram, bigram and unigram estimates (Jelinek-Mercer),
+# $$p(x_t \mid x_{t-2}, x_{t-1}) = \lambda_3 \hat p_3 + \lambda_2 \hat p_2
+#   + \lambda_1 \hat p_1, \quad (\lambda_3, \lambda_2, \lambda_1) = (0.6, 0.3, 0.1),$$
+# renormalised over the orders whose context was seen. The metre term charges
+# $|\text{syllables} - 10| / 10$ per line and a whole line for each missing or extra line:
+# $$R(x) = \frac{1}{L}\sum_t \log p(x_t \mid x_{t-2}, x_{t-1})
+#   - \frac{w}{2}\Big(\sum_\text{lines} \frac{|s_\ell - 10|}{10} + |n_\text{lines} - 2|\Big).$$
+
+
+# %%
 def fit_ngram(sequences: np.ndarray, vocab_size: int) -> dict:
     """Counts of a trigram model; contexts before the first token are <end> <end>."""
     tri, bi = collections.Counter(), np.zeros((vocab_size, vocab_size), np.float32)
@@ -456,7 +519,13 @@ def task_reward(ngram: dict, syllables: jax.Array, tokens: jax.Array) -> jax.Arr
     return lm + metre
 
 
-# %% Model: a GRU policy and a small GRU critic ---------------------------------------------------
+# %% [markdown]
+# ## Model: a GRU policy and a small GRU critic
+# Each token is an action, the GRU state $h_t$ the observation. The policy's head gives
+# $\pi(\cdot \mid h_t)$ over the vocabulary, the critic's the value $V(h_t)$.
+
+
+# %%
 class GRUNet(nnx.Module):
     """Token embedding -> GRU -> linear head, read at every step. The policy's head gives
     next-token logits, with <unk> masked so the agent never emits it; the critic's gives V(h_t)."""
@@ -507,7 +576,13 @@ def token_logprobs(logits: jax.Array, actions: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp, actions[..., None], axis=-1)[..., 0]
 
 
-# %% MLE pretraining: the reference policy ------------------------------------------------------
+# %% [markdown]
+# ## Pretraining: the reference policy
+# Maximum likelihood, $\min_\theta -\sum_t \log \pi_\theta(x_t \mid x_{<t})$, on the
+# training line pairs. A frozen copy is $\pi_\text{ref}$, the anchor of the KL penalty.
+
+
+# %%
 def pretrain_reference(cfg: Config, train: np.ndarray, heldout: np.ndarray, key: jax.Array):
     """Teacher-forced cross-entropy on training line pairs; prints the held-out loss too."""
     vocab_size = len(SPECIALS) + cfg.vocab_size
@@ -545,7 +620,19 @@ def pretrain_reference(cfg: Config, train: np.ndarray, heldout: np.ndarray, key:
     return graphdef, params
 
 
-# %% PPO: GAE, the clipped loss, one jitted iteration ----------------------------------------------
+# %% [markdown]
+# ## PPO: GAE, the clipped loss, one jitted iteration
+# The RL reward is $r_t = R(x)\,[t = \text{last}] - \beta(\log\pi(x_t|h_t) -
+# \log\pi_\text{ref}(x_t|h_t))$. GAE runs backwards, $\delta_t = r_t + \gamma V(h_{t+1})(1 -
+# d_t) - V(h_t)$, $A_t = \delta_t + \gamma\lambda(1 - d_t)A_{t+1}$; the loss is
+# $$-\min\big(\rho_t A_t,\ \mathrm{clip}(\rho_t, 1 - \epsilon, 1 + \epsilon) A_t\big)
+#   + c_v (V - G)^2 - c_H H[\pi(\cdot|h_t)], \quad
+#   \rho_t = \frac{\pi_\theta(a_t|h_t)}{\pi_\text{old}(a_t|h_t)},$$
+# with $\rho_t$ on the *chosen* token $a_t$ (a test pins it). Rollout, reward, GAE and the
+# epochs of minibatch updates are one function, scanned over iterations and vmapped over seeds.
+
+
+# %%
 def compute_gae(rewards, values, dones, valid, gamma=GAMMA, lam=GAE_LAMBDA):
     """GAE by a reverse scan over time; (B, T) in, (B, T) advantages and returns out.
     Steps after the end (valid = 0) carry nothing; the step that ends the verse is terminal."""
@@ -637,6 +724,13 @@ def make_ppo_iteration(cfg: Config, defs: dict, ref_params, ngram: dict, syllabl
     return opt, iteration
 
 
+# %% [markdown]
+# ## Train: PPO for every seed at once
+# `vmap` over a seed axis that `shard_seeds` splits over the local devices; the iterations run
+# in jitted chunks of 10 under one `lax.scan`, with a log line per chunk.
+
+
+# %%
 def train_ppo(cfg: Config, policy_def, ref_params, ngram, syllables, key) -> tuple:
     """PPO for cfg.num_seeds seeds at once (vmap over a seed axis sharded over the devices),
     scanned in jitted chunks of iterations. Every seed's policy starts from the reference; its
@@ -682,7 +776,15 @@ def train_ppo(cfg: Config, policy_def, ref_params, ngram, syllables, key) -> tup
     return jax.tree.map(lambda x: x[: cfg.num_seeds], state[0]["policy"]), history
 
 
-# %% Evaluation: reward parts, diversity, an independent judge, a copy check ----------------------
+# %% [markdown]
+# ## Evaluate: reward parts, diversity, an independent judge, a copy check
+# The judge is SmolLM2-135M, which neither the reward nor training saw:
+# $J = \sum_x \log p_\text{SmolLM2}(x) / \sum_x |x|$, the log-prob per token (minus the log
+# perplexity). A perplexity judge also likes bland or copied text, so it is read beside
+# distinct-2 (unique bigrams / bigrams) and the longest span of words copied from the training text.
+
+
+# %%
 def kl_to_reference(graphdef, ref_params, tokens: jax.Array, policy_logits=None) -> jax.Array:
     """Exact per-token KL(pi || pi_ref) summed along each verse, averaged over verses.
     policy_logits None means the uniform random policy."""
@@ -804,41 +906,93 @@ def evaluate_policy(data: dict, judge: tuple, graphdef, ref_params, tokens, para
     }
 
 
-# %% Figure -------------------------------------------------------------------------------------
+def evaluate(cfg: Config, data: dict, judge: tuple, graphdef, ref_params, ppo_params, key):
+    """eval_samples verses from each policy (PPO: from each seed): every metric, and samples.
+    The uniform random policy and real held-out couplets are the floor and the ceiling."""
+    k_rand, k_ref, k_ppo, _ = jax.random.split(key, 4)  # the 4th: the temperature study's
+    sample = jax.jit(partial(sample_verses, graphdef), static_argnums=2)
+    per_seed = [jax.tree.map(lambda x, s=s: x[s], ppo_params) for s in range(cfg.num_seeds)]
+    metrics, text = {}, []
+
+    def add(name: str, runs: list, temp: float = 1.0) -> None:
+        per_run = [evaluate_policy(data, judge, graphdef, ref_params, *run, temp) for run in runs]
+        for k in [k for k in per_run[0] if k != "samples"]:
+            key = f"{k}_{name}" if k.startswith(("judge", "reward_")) else f"{name}_{k}"
+            metrics[key] = float(np.mean([r[k] for r in per_run]))
+        text.append(f"=== {name} (10 samples) ===\n" + "\n\n".join(per_run[0]["samples"]) + "\n")
+        print(text[-1])
+        if name == "ppo":
+            metrics["ppo_reward_std"] = float(np.std([r["reward"] for r in per_run]))
+            metrics["judge_ppo_std"] = float(np.std([r["judge"] for r in per_run]))  # over seeds
+
+    add("random", [(sample_random(k_rand, cfg.eval_samples, len(data["vocab"])), None)])
+    add("reference", [(sample(ref_params, k_ref, cfg.eval_samples), ref_params)])
+    keys = jax.random.split(k_ppo, cfg.num_seeds)
+    add("ppo", [(sample(p, k, cfg.eval_samples), p) for p, k in zip(per_seed, keys)])
+    real = judge_stats(judge, data["heldout_texts"][: cfg.eval_samples])
+    metrics["judge_shakespeare"] = real["judge"]
+    metrics["judge_sem_shakespeare"] = real["judge_sem"]
+    return metrics, text
+
+
+def bars(m: dict) -> dict:
+    """The issue's bars, each as a metric with its `_target` (>=) or `_ceiling` (<=) beside."""
+    out = {"judge_name": JUDGE_NAME, "judge_gain": m["judge_ppo"] - m["judge_reference"]}
+    # The judge prefers PPO by more than the spread over seeds: gain - std must be > 0.
+    out["judge_gain_over_std"] = out["judge_gain"] - m["judge_ppo_std"]
+    out["judge_gain_over_std_target"] = 0.0
+    # PPO copies no longer spans than the reference, or none over COPY_WORDS_OK words.
+    allowed = max(m["reference_longest_copy_words"], COPY_WORDS_OK)
+    out["ppo_copy_words_over_allowed"] = m["ppo_longest_copy_words"] - allowed
+    out["ppo_copy_words_over_allowed_ceiling"] = 0.0
+    out["ppo_distinct2_target"] = 0.5
+    out["ppo_gain_over_reference"] = m["ppo_reward"] - m["reference_reward"]  # no bar
+    out["wall_time_s_ceiling"] = 300.0  # at the defaults, on 2 idle CPU cores
+    return out
+
+
+# %% [markdown]
+# ## Figures
+
+
+# %%
 def plot_reward_curve(history: dict, metrics: dict, path: pathlib.Path) -> None:
-    """The reward and the KL over PPO iterations, and the independent judge's verdict."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    iters = np.arange(1, history["reward"].shape[1] + 1)
-    for ax, key, label in [(axes[0], "reward", "task reward R(x)"), (axes[1], "kl", "KL (nats)")]:
-        curve = history[key]
+    """The task reward over PPO iterations, and the independent judge's verdict."""
+    with plt.rc_context({"font.size": 13}):
+        fig, (ax, judge_ax) = plt.subplots(1, 2, figsize=(12, 5))
+        curve = history["reward"]  # (seeds, iterations)
+        iters = np.arange(1, curve.shape[1] + 1)
         ax.plot(iters, curve.mean(0), color="C0", label=f"PPO, mean of {curve.shape[0]} seeds")
         ax.fill_between(iters, curve.min(0), curve.max(0), color="C0", alpha=0.3, label="min-max")
-        ax.set_xlabel("PPO iteration")
-        ax.set_ylabel(label)
-    axes[0].axhline(metrics["reference_reward"], color="C1", ls="--", label="reference (MLE)")
-    axes[0].set_title(f"Reward per verse (uniform random: {metrics['random_reward']:.1f})")
-    axes[1].set_title("Sampled KL(pi || pi_ref) per verse")
-    axes[0].legend(loc="lower right")
-    axes[1].legend(loc="upper left")
-    names = ["random", "reference", "cooled", "ppo", "shakespeare"]
-    labels = ["uniform\nrandom", "reference\n(MLE)", "reference at\n", "PPO"]
-    labels += ["Shakespeare\n(held-out)"]
-    labels[2] += f"T = {metrics['cooled_temperature']:.2f}"
-    errors = [metrics[f"judge_sem_{n}"] for n in names]
-    errors[3] = metrics["judge_ppo_std"]
-    for i, (name, error) in enumerate(zip(names, errors)):
-        value = metrics[f"judge_{name}"]
-        axes[2].errorbar(i, value, yerr=error, fmt="o", color=f"C{[3, 1, 4, 0, 2][i]}", capsize=5)
-        axes[2].annotate(f"{value:.2f}", (i, value), xytext=(8, -4), textcoords="offset points")
-    axes[2].set_xticks(range(5), labels)
-    axes[2].set_xlim(-0.5, 4.7)
-    axes[2].set_ylabel("SmolLM2 log-prob per token (nats)")
-    axes[2].set_title("Independent judge (bars: std over seeds, or SEM)")
-    fig.tight_layout()
-    save_figure(fig, path)
+        ax.axhline(metrics["reference_reward"], color="C1", ls="--", label="reference (MLE)")
+        ax.set(xlabel="PPO iteration", ylabel="task reward R(x) per verse")
+        ax.set_title(f"Task reward (uniform random: {metrics['random_reward']:.1f})")
+        ax.legend(loc="lower right")
+        names = ["random", "reference", "ppo", "shakespeare"]
+        labels = ["uniform\nrandom", "reference\n(MLE)", "PPO", "Shakespeare\n(held-out)"]
+        for i, name in enumerate(names):
+            value = metrics[f"judge_{name}"]
+            error = metrics["judge_ppo_std" if name == "ppo" else f"judge_sem_{name}"]
+            judge_ax.errorbar(
+                i, value, yerr=error, fmt="o", ms=9, color=f"C{[3, 1, 0, 2][i]}", capsize=6
+            )
+            judge_ax.annotate(
+                f"{value:.2f}", (i, value), xytext=(10, -4), textcoords="offset points"
+            )
+        judge_ax.set_xticks(range(len(names)), labels)
+        judge_ax.set_xlim(-0.5, len(names) - 0.2)
+        judge_ax.set_ylabel("log-prob per token (nats)")
+        judge_ax.set_title("Judge: SmolLM2-135M (bars: seed std / SEM)")
+        fig.tight_layout()
+        save_figure(fig, path)
 
 
-# %% Main ---------------------------------------------------------------------------------------
+# %% [markdown]
+# ## Main
+# Validate, prepare the data and the judge, train (MLE, then PPO), evaluate, write the run.
+
+
+# %%
 def validate(cfg: Config) -> None:
     """Every option finite and in range, before any data, model or compile work."""
     check_number(cfg, "vocab_size", 50, 1200)
@@ -859,123 +1013,48 @@ def validate(cfg: Config) -> None:
     check_out_dir(cfg.out_dir)
 
 
-def prepare_data(vocab_size: int) -> dict:
-    """Split the sonnets, build the vocabulary, encode, and fit both frozen n-gram models."""
-    sonnets = parse_sonnets(read_sonnets_text())  # sha256 checked
-    train_sonnets = [s for i, s in enumerate(sonnets) if i % HELDOUT_EVERY]
-    heldout_sonnets = [s for i, s in enumerate(sonnets) if i % HELDOUT_EVERY == 0]
-    vocab = build_vocab(train_sonnets, vocab_size)
-    train, heldout = encode_couplets(train_sonnets, vocab), encode_couplets(heldout_sonnets, vocab)
-    corpus = np.concatenate([train, heldout])
-    # The training text as one run of word ids, -1 between sonnets (matches nothing).
-    train_words = [[w for line in s for w in tokenize_line(line) if w[0].isalpha()] + [""]
-                   for s in train_sonnets]  # fmt: skip
-    index = {w: i for i, w in enumerate(sorted({w for s in train_words for w in s if w}))}
-    return {
-        "vocab": vocab,
-        "train": train,  # (N, MAX_LEN): lines (2k, 2k+1) of each training sonnet
-        "heldout": heldout,
-        "mle_pairs": encode_couplets(train_sonnets, vocab, stride=1),  # all 13 line pairs
-        "syllables": jnp.array(
-            [count_syllables(w) if i >= len(SPECIALS) else 0 for i, w in enumerate(vocab)]
-        ),
-        "reward_ngram": fit_ngram(train, len(vocab)),  # the frozen reward model
-        "heldout_ngram": fit_ngram(heldout, len(vocab)),  # only for the held-out perplexity
-        "corpus_bigrams": {(int(b), int(c)) for row in corpus for b, c in zip(row, row[1:])},
-        "train_ids": np.array([index.get(w, -1) for s in train_words for w in s]),
-        "train_index": index,
-        # Real held-out couplets, written like generated verses (lower case, words and
-        # punctuation) but with every word kept: what Shakespeare himself scores under the judge.
-        "heldout_texts": [words_to_text(w) for w in couplet_words(heldout_sonnets)],
-    }
-
-
-def matched_temperature(data: dict, sample, ref_params, key, num: int, target: float) -> float:
-    """The temperature at which the reference's distinct-2 equals `target` (bisection with the
-    same key at every step): the cheapest way to trade diversity for likelihood, no training."""
-    low, high = 0.3, 1.0
-    for _ in range(8):
-        mid = (low + high) / 2
-        tokens = np.asarray(sample(ref_params, key, num, mid))
-        too_cold = text_metrics(tokens, data["corpus_bigrams"])["distinct2"] < target
-        low, high = (mid, high) if too_cold else (low, mid)
-    return (low + high) / 2
-
-
-def evaluate(cfg: Config, data: dict, judge: tuple, graphdef, ref_params, ppo_params, key):
-    """eval_samples verses from each policy (PPO: from each seed): every metric, and samples.
-    `cooled` is the reference sampled at the temperature that matches PPO's distinct-2."""
-    k_rand, k_ref, k_ppo, k_cool = jax.random.split(key, 4)
-    sample = jax.jit(partial(sample_verses, graphdef), static_argnums=2)
-    per_seed = [jax.tree.map(lambda x, s=s: x[s], ppo_params) for s in range(cfg.num_seeds)]
-    metrics, text = {}, []
-
-    def add(name: str, runs: list, temp: float = 1.0) -> None:
-        per_run = [evaluate_policy(data, judge, graphdef, ref_params, *run, temp) for run in runs]
-        for k in [k for k in per_run[0] if k != "samples"]:
-            key = f"{k}_{name}" if k.startswith(("judge", "reward_")) else f"{name}_{k}"
-            metrics[key] = float(np.mean([r[k] for r in per_run]))
-        text.append(f"=== {name} (10 samples) ===\n" + "\n\n".join(per_run[0]["samples"]) + "\n")
-        print(text[-1])
-        if name == "ppo":
-            metrics["ppo_reward_std"] = float(np.std([r["reward"] for r in per_run]))
-            metrics["judge_ppo_std"] = float(np.std([r["judge"] for r in per_run]))  # over seeds
-
-    add("random", [(sample_random(k_rand, cfg.eval_samples, len(data["vocab"])), None)])
-    add("reference", [(sample(ref_params, k_ref, cfg.eval_samples), ref_params)])
-    keys = jax.random.split(k_ppo, cfg.num_seeds)
-    add("ppo", [(sample(p, k, cfg.eval_samples), p) for p, k in zip(per_seed, keys)])
-    temp = matched_temperature(
-        data, sample, ref_params, k_cool, cfg.eval_samples, metrics["ppo_distinct2"]
+def train_policies(cfg: Config, data: dict, k_ref: jax.Array, k_ppo: jax.Array) -> tuple:
+    """MLE makes the reference policy; PPO fine-tunes num_seeds copies of it."""
+    graphdef, ref_params = pretrain_reference(cfg, data["mle_pairs"], data["heldout"], k_ref)
+    tic = time.time()
+    ppo_params, history = train_ppo(
+        cfg, graphdef, ref_params, data["reward_ngram"], data["syllables"], k_ppo
     )
-    add("cooled", [(sample(ref_params, k_ref, cfg.eval_samples, temp), ref_params)], temp)
-    metrics["cooled_temperature"] = temp
-    real = judge_stats(judge, data["heldout_texts"][: cfg.eval_samples])
-    metrics["judge_shakespeare"] = real["judge"]
-    metrics["judge_sem_shakespeare"] = real["judge_sem"]
-    return metrics, text
+    verses_per_s = cfg.ppo_iterations * cfg.episodes_per_iteration * cfg.num_seeds
+    return graphdef, ref_params, ppo_params, history, verses_per_s / (time.time() - tic)
 
 
 def main(cfg: Config) -> dict:
     validate(cfg)
-    start = time.time()
+    start, timer = time.time(), PhaseTimer()
     data = prepare_data(cfg.vocab_size)
     print(f"vocab={len(data['vocab'])} train={len(data['train'])} heldout={len(data['heldout'])}")
     judge = load_judge()
     key = jax.random.key(cfg.seed)
     key, k_ref, k_ppo, k_eval = jax.random.split(key, 4)
-    graphdef, ref_params = pretrain_reference(cfg, data["mle_pairs"], data["heldout"], k_ref)
-    ppo_start = time.time()
-    ppo_params, history = train_ppo(
-        cfg, graphdef, ref_params, data["reward_ngram"], data["syllables"], k_ppo
-    )
-    ppo_time = time.time() - ppo_start
+    timer.lap("setup")
+    graphdef, ref_params, ppo_params, history, throughput = train_policies(cfg, data, k_ref, k_ppo)
+    timer.lap("train")
     m = {"task": "shakespeare_ppo", "seed": cfg.seed, "preset": getattr(cfg, "preset", "cpu")}
     results, text = evaluate(cfg, data, judge, graphdef, ref_params, ppo_params, k_eval)
     m.update(results)
-    # Each bar the issue sets, stored beside its metric.
-    m["judge_name"] = JUDGE_NAME
-    m["judge_gain"] = m["judge_ppo"] - m["judge_reference"]
-    m["judge_gain_target"] = m["judge_ppo_std"]  # the gain must exceed the spread over seeds
-    m["judge_gain_over_cooled"] = m["judge_ppo"] - m["judge_cooled"]  # no bar: a finding
-    # PPO may copy spans as long as the reference's, or up to COPY_WORDS_OK words in any case.
-    m["ppo_longest_copy_words_ceiling"] = max(m["reference_longest_copy_words"], COPY_WORDS_OK)
-    m["ppo_gain_over_reference"] = m["ppo_reward"] - m["reference_reward"]
-    m["ppo_gain_over_reference_target"] = m["ppo_reward_std"]
-    m["ppo_distinct2_floor"] = m["ppo_distinct2_target"] = 0.5
+    m.update(bars(m))
     m["num_seeds"] = cfg.num_seeds
     m.update(device_info())
-    m["throughput"] = cfg.ppo_iterations * cfg.episodes_per_iteration * cfg.num_seeds / ppo_time
+    m["throughput"] = throughput
     m["throughput_unit"] = "verses/s (PPO loop, all seeds, compile included)"
+    timer.lap("evaluate")
     with staged_run(cfg.out_dir) as out:
         (out / "samples.txt").write_text("\n".join(text))
         plot_reward_curve(history, m, out / "reward_curve.png")
-        m["wall_time_s"], m["wall_time_s_ceiling"] = time.time() - start, 300.0  # on 2 idle cores
+        timer.lap("figures")
+        m["wall_time_s"], m["time_split_s"] = time.time() - start, timer.split
         shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
         print(" ".join(shown))
         write_metrics(out, cfg, m)
     return m
 
 
+# %%
 if __name__ == "__main__":
     run_cli()

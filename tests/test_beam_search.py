@@ -210,6 +210,10 @@ def test_beam_search_run_folder_is_whole(beam_search_run):
     on_disk = json.loads((out / "metrics.json").read_text(), parse_constant=refuse)
     assert on_disk == metrics
     assert on_disk["device"] == "cpu" and on_disk["preset"] == "cpu"
+    bars = {k: v for k, v in metrics.items() if k.endswith(("_target", "_ceiling"))}
+    assert bars == {"matches_generate_target": 1, "speed_ratio_vs_generate_target": 0.8,
+                    "wall_time_s_ceiling": 120}  # fmt: skip
+    assert set(metrics["time_split_s"]) == {"setup", "evaluate", "figures"}
     assert json.loads((out / "config.json").read_text())["num_beams"] == 3
     for name in ("beam_scores.png", "search_tree.png"):
         assert (out / name).stat().st_size > 0, name

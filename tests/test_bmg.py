@@ -311,3 +311,16 @@ def test_bmg_paper_preset_smoke_run_writes_a_whole_folder(tmp_path):
     assert json.loads((out / "config.json").read_text())["hidden"] == 256
     assert (out / "cumulative_reward.png").stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging folder left
+    # Every bar of scripts/run_all.py sits beside its metric, and no other bar is written.
+    bars = {k: v for k, v in metrics.items() if k.endswith(("_target", "_ceiling"))}
+    assert bars == {
+        "bmg_minus_mg_target": 0.0, "bmg_minus_best_fixed_target": 0.0,
+        "bmg_eps_rise_target": 0.0, "best_fixed_red_phase_reward_target": 0.0,
+        "best_fixed_blue_phase_reward_target": 0.0, "num_seeds_target": 10,
+        "wall_time_s_ceiling": 300,
+    }  # fmt: skip
+    for key in bars:
+        assert key.rsplit("_", 1)[0] in metrics, key
+    rise = metrics["bmg_eps_after_swap"] - metrics["bmg_eps_before_swap"]
+    assert metrics["bmg_eps_rise"] == pytest.approx(rise)
+    assert set(metrics["time_split_s"]) == {"setup", "train", "evaluate", "figures"}

@@ -260,6 +260,13 @@ def test_cot_tiny_config_learns(tmp_path):
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text(), parse_constant=reject)
     assert saved["device"] and saved["num_devices"] == 1 and saved["throughput"] > 0
     assert (tmp_path / "run" / "distributions.png").exists()
+    bars = sorted(k for k in saved if k.endswith(("_target", "_ceiling")))
+    assert bars == [
+        "num_seeds_target", "systematic_heldout_tv_excess_ratio_max_ceiling",
+        "systematic_heldout_validity_cot_min_target", "wall_time_s_ceiling",
+    ]  # fmt: skip
+    assert all(bar[: bar.rindex("_")] in saved for bar in bars)  # each beside its metric
+    assert set(saved["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing staged is left behind
 
 

@@ -28,6 +28,8 @@ REQUIRED = {
             "write_metrics",
             "cli_config",
             "run_cli",
+            "save_figure",
+            "PhaseTimer",
         ]  # fmt: skip
     },
     "device_info": JAX_TASKS,

@@ -192,6 +192,16 @@ def test_llama3_sft_lora_end_to_end(llama3_sft_model_dir, tmp_path):
         "cpu",
     )
     assert m["throughput"] > 0 and m["throughput_unit"] == "tokens/s"
+    bars = {k: v for k, v in m.items() if k.endswith(("_target", "_ceiling"))}
+    assert bars == {
+        "ppl_ratio_ceiling": 0.75,
+        "embed_sim_gain_target": 0.0,
+        "flagged_copies_ceiling": 0,
+        "wall_time_s_ceiling": 600,
+    }
+    assert m["ppl_ratio"] == pytest.approx(m["ppl_after"] / m["ppl_before"])
+    assert m["embed_sim_gain"] == pytest.approx(m["embed_sim_after"] - m["embed_sim_before"])
+    assert set(m["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
     for name in ("perplexity.png", "samples.md", "adapter/adapter_config.json", "config.json"):
         assert (out / name).exists()
     written = _llama3_sft_strict_json(out / "metrics.json")  # the run's folder, written whole

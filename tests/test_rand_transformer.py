@@ -143,6 +143,12 @@ def test_rand_transformer_tiny_config_reaches_floor_and_is_deterministic(tmp_pat
     assert saved["nll"] == a["nll"] and saved["device"].startswith(jax.default_backend())
     assert saved["num_devices"] >= 1 and saved["preset"] == "cpu"
     assert saved["throughput"] > 0 and saved["throughput_unit"] == "steps/s"
+    # every bar beside its metric, and no other bar
+    bars = sorted(k for k in saved if k.endswith(("_target", "_ceiling")))
+    assert bars == ["chi2_p_target", "nll_gap_ceiling", "serial_p_target", "wall_time_s_ceiling"]
+    assert saved["nll_gap"] == pytest.approx(abs(a["nll"] - a["nll_floor"]))
+    assert saved["nll_gap_ceiling"] == 0.01 and saved["wall_time_s_ceiling"] == 60
+    assert set(saved["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
     assert json.loads((tmp_path / "a" / "config.json").read_text())["context_len"] == 16
     samples = np.load(tmp_path / "a" / "samples.npy")
     assert samples.shape == (2000,) and samples.dtype.kind == "i"

@@ -137,6 +137,10 @@ def test_red_team_end_to_end(red_team_models, red_team_run):
     assert json.loads((out / "metrics.json").read_text(), parse_constant=refuse) == m
     assert (m["device"], m["num_processes"], m["preset"]) == ("cpu", 1, "cpu")
     assert m["throughput"] > 0 and m["throughput_unit"] == "continuations/s"
+    bars = {k: v for k, v in m.items() if k.endswith(("_target", "_ceiling"))}
+    assert bars == {"num_prompts_target": 100, "control_toxic_score_target": 0.5,
+                    "control_benign_score_ceiling": 0.4999, "wall_time_s_ceiling": 300}  # fmt: skip
+    assert set(m["time_split_s"]) == {"setup", "evaluate", "figures"}
     assert json.loads((out / "config.json").read_text())["num_continuations"] == 3
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no staging folder left
 
@@ -145,7 +149,7 @@ def test_red_team_same_seed_same_result(red_team_models, red_team_run, tmp_path)
     m1, out1 = red_team_run
     m2 = red_team.main(red_team_cfg(red_team_models, tmp_path))
     assert (out1 / "flagged.jsonl").read_text() == (tmp_path / "flagged.jsonl").read_text()
-    m1, m2 = (dict(m, wall_time_s=0.0, throughput=0.0) for m in (m1, m2))
+    m1, m2 = (dict(m, wall_time_s=0.0, throughput=0.0, time_split_s={}) for m in (m1, m2))
     assert m1 == m2
 
 
@@ -375,7 +379,7 @@ def test_red_team_two_processes_match_one(red_team_models, red_team_run, tmp_pat
     two = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (two["num_processes"], one["num_processes"]) == (2, 1)
     assert proc.stdout.count("prompts that most often drew toxic output") == 1  # one writer
-    timing = {"wall_time_s", "throughput", "num_processes"}
+    timing = {"wall_time_s", "time_split_s", "throughput", "num_processes"}
     assert set(two) == set(one)
     for key in sorted(set(one) - timing):
         same = two[key] == (one[key] if isinstance(one[key], str) else pytest.approx(one[key]))

@@ -138,9 +138,11 @@ def test_reverse_digits_same_seed_same_result_and_whole_run_folder(tmp_path):
     written = _strict_json((tmp_path / "a" / "metrics.json").read_text())
     assert written["device"] and written["num_devices"] >= 1 and written["preset"] == "cpu"
     assert written["throughput"] > 0 and written["throughput_unit"] == "tokens/s"
+    bars = {k: v for k, v in written.items() if k.endswith(("_target", "_ceiling"))}
+    assert bars == {"exact_match_target": 0.99, "wall_time_s_ceiling": 120}
+    assert set(written["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
     assert json.loads((tmp_path / "a" / "config.json").read_text())["steps"] == 20
-    for name in ("loss.png", "attention.png", "examples.png"):
-        assert (tmp_path / "a" / name).exists()
+    assert (tmp_path / "a" / "attention.png").exists()  # loss.png, examples.png: the study's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 

@@ -136,6 +136,10 @@ def test_scaling_laws_tiny_run_learns_and_writes_outputs(scaling_laws_tiny_run):
     assert metrics["num_devices"] == jax.device_count() and metrics["preset"] == "cpu"
     assert metrics["throughput"] > 0 and metrics["throughput_unit"] == "steps/s"
     assert metrics["runs_vmapped"] == int(jax.default_backend() != "cpu")
+    # The bars, beside their metrics (scripts/run_all.py checks them from the metrics alone).
+    bars = {k: v for k, v in metrics.items() if k.endswith(("_target", "_ceiling"))}
+    assert bars == {"model_r2_target": 0.95, "data_r2_target": 0.95, "wall_time_s_ceiling": 300}
+    assert set(metrics["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
     assert not list(out.parent.glob(f".{out.name}.*"))  # no staging folder left behind
     for name in ("scaling.png", "joint.png", "curves.png", "runs.json"):
         assert (out / name).exists()

@@ -271,8 +271,17 @@ def test_shakespeare_ppo_mini_run_writes_whole_folder(tmp_path, monkeypatch):
     names += ["ppo_longest_copy_words", "reference_longest_copy_words", "ppo_distinct2"]
     names += [f"reward_{p}_{n}" for p in ("lm", "metre") for n in ("ppo", "reference")]
     names += ["device", "num_devices", "preset", "throughput", "throughput_unit", "wall_time_s"]
-    names += ["judge_gain_target", "ppo_longest_copy_words_ceiling", "ppo_distinct2_target"]
+    names += ["judge_gain_over_std", "ppo_copy_words_over_allowed", "time_split_s"]
     assert not [n for n in names if n not in metrics]
+    bars = sorted(k for k in metrics if k.endswith(("_target", "_ceiling")))
+    assert bars == [
+        "judge_gain_over_std_target", "ppo_copy_words_over_allowed_ceiling",
+        "ppo_distinct2_target", "wall_time_s_ceiling",
+    ]  # fmt: skip
+    assert all(bar[: bar.rindex("_")] in metrics for bar in bars)  # each beside its metric
+    gain = metrics["judge_ppo"] - metrics["judge_reference"] - metrics["judge_ppo_std"]
+    assert metrics["judge_gain_over_std"] == pytest.approx(gain)
+    assert set(metrics["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
     assert metrics["num_devices"] == jax.device_count() and metrics["num_seeds"] == 2
     for name in ["ppo", "reference"]:
         total = metrics[f"reward_lm_{name}"] + metrics[f"reward_metre_{name}"]

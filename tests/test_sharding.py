@@ -28,7 +28,7 @@ import numpy as np
 import hdqn
 
 cfg = hdqn.Config(
-    num_steps=1000, num_seeds=3, target_period=100, tabular_step_sizes=(0.1,), out_dir=sys.argv[1]
+    num_steps=1000, num_seeds=3, target_period=100, out_dir=sys.argv[1]
 )
 metrics = hdqn.main(cfg)
 result = {"metrics": metrics}
@@ -77,7 +77,7 @@ def test_hdqn_seeds_sharded_over_two_devices_match_one(tmp_path):
     for agent in ("hdqn", "dqn"):
         assert len(two[agent]) == 3
         np.testing.assert_allclose(two[agent], one[agent], rtol=1e-6, atol=1e-9)
-    for name in ("hdqn_reward_per_seed", "dqn_reward_per_seed", "tabular_q_reward_by_step_size"):
+    for name in ("hdqn_reward_per_seed", "dqn_reward_per_seed"):
         assert two["metrics"][name] == one["metrics"][name]
     for name in ("hdqn_reward", "dqn_reward", "dqn_q_s2_left", "dqn_q_s2_right"):
         assert two["metrics"][name] == pytest.approx(one["metrics"][name], rel=1e-5, abs=1e-7)
