@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-execute", action="store_true", help="convert only")
     parser.add_argument("--args", default="", help="flags for every task, e.g. '--steps 20'")
     parser.add_argument("--out-dir", default=str(ROOT / "notebooks"), help="where .ipynb go")
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     args = parser.parse_args(argv)
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:

@@ -350,14 +350,18 @@ def readme_entry(r: dict) -> list[str]:
     title = f"### [`{name}.py`](tasks/{name}.py) ({t.framework}): {t.teaches}"
     if m is None:
         return [title, "", f"{r['state']}", ""]
-    shown = [f"{k} = {fmt(m[k])}" for k in t.headline if k in m]
+    checked = {label.split(" ")[0] for label in bars(m)}
+    shown = [f"{k} = {fmt(m[k])}" for k in t.headline if k in m and k not in checked]
     checks = []
     for label, (value, _, _) in bars(m).items():
         metric, bound = label.split(" ", 1)
         checks.append(f"{metric} = {fmt(value)} ({mark(r['checks'][label])}: {bound})")
     cpu = r["status"].get("cpu_time_s") if r["status"] else None
-    wall = f"{fmt(m['wall_time_s'])} s" + (f" ({cpu:.0f} CPU-s)" if cpu is not None else "")
-    lines = [title, "", "; ".join(shown + checks) + f". Wall time {wall}."]
+    lines = [title, "", "Bars: " + "; ".join(checks) + "."]
+    if cpu is not None:
+        lines[-1] = lines[-1][:-1] + f" ({cpu:.0f} s of CPU time)."
+    if shown:
+        lines += ["", "Also: " + "; ".join(shown) + "."]
     lines += ["", f"Results page: [docs/{name}.md](docs/{name}.md)."]
     if (DOCS / f"{name}.png").exists():
         lines += ["", f'<img src="docs/{name}.png" width="{README_FIGURE_WIDTH}" alt="{name}">']

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "studies"))
@@ -17,6 +18,7 @@ import bmg_meta_gradient as study  # noqa: E402
 bmg = study.bmg
 
 
+@pytest.mark.slow  # a side study's run (make test-all); keeps make test near 10 min
 def test_bmg_meta_gradient_study_writes_every_arm(tmp_path):
     sc = study.StudyConfig(num_seeds=2, num_streams=3, epsilons=(0.1, 0.5), swap_every=64,
                            num_envs=2, out_dir=str(tmp_path / "run"))  # fmt: skip
@@ -28,6 +30,7 @@ def test_bmg_meta_gradient_study_writes_every_arm(tmp_path):
     assert (tmp_path / "run" / "meta_gradient.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # a side study's run (make test-all); keeps make test near 10 min
 def test_bmg_meta_gradient_study_loss_matches_the_task():
     # With eps held constant, the study's BMG meta-loss is the task's bmg_meta_loss evaluated with
     # a meta-learner whose output is that constant (zero weights, bias = logit(eps)).

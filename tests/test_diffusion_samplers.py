@@ -31,6 +31,7 @@ def test_dd_iid_moons_match_make_moons_distribution():
     np.testing.assert_allclose(a.std(0), b.std(0), atol=0.05)
 
 
+@pytest.mark.slow  # a side study's run (make test-all); keeps make test near 10 min
 def test_dd_samplers_study_runs(tmp_path):
     out = tmp_path / "study"
     metrics = study.main(dd.Config(out_dir=str(out), **TINY))

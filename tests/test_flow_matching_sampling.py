@@ -14,6 +14,7 @@ import flow_matching_sampling as study  # noqa: E402
 TINY = dict(train_steps=1500, batch_size=256, hidden=64, num_train=4000, num_samples=500)
 
 
+@pytest.mark.slow  # a side study's run (make test-all); keeps make test near 10 min
 def test_fm_sampling_study_runs(tmp_path):
     out = tmp_path / "study"
     metrics = study.main(fm.Config(out_dir=str(out), **TINY))

@@ -42,6 +42,7 @@ def test_hdqn_flat_tabular_q_small_steps_reach_the_always_left_fixed_point():
     assert (q >= -1e-6).all() and (q <= 1.0 + 1e-6).all()
 
 
+@pytest.mark.slow  # a side study's run (make test-all); keeps make test near 10 min
 def test_hdqn_flat_learners_study_tiny_run(tmp_path):
     out = tmp_path / "study"
     cfg = study.StudyConfig(num_steps=2_000, num_seeds=2, step_sizes=(0.01, 0.1), out_dir=str(out))
@@ -59,6 +60,7 @@ def test_hdqn_flat_learners_study_tiny_run(tmp_path):
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
 
 
+@pytest.mark.slow  # a side study's run (make test-all); keeps make test near 10 min
 def test_hdqn_flat_learners_counting_run_matches_the_task(tmp_path):
     # the counter beside the flat DQN changes nothing: same seeds, same episodes as the task's run
     cfg = hdqn.Config(num_steps=1_000, num_seeds=2, target_period=100, out_dir=str(tmp_path))

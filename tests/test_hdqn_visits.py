@@ -12,6 +12,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "studies"))
 import hdqn_visits as study  # noqa: E402
 
 
+@pytest.mark.slow  # a side study's run (make test-all); keeps make test near 10 min
 def test_hdqn_visits_study_tiny_run_matches_the_task(tmp_path):
     cfg = hdqn.Config(num_steps=2_000, num_seeds=2, target_period=100)
     metrics = study.main(hdqn.dataclasses.replace(cfg, out_dir=str(tmp_path / "study")))

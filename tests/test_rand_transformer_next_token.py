@@ -5,6 +5,7 @@ import json
 import pathlib
 import sys
 
+import pytest
 import rand_transformer as rt
 from flax import nnx
 
@@ -12,6 +13,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "studies"))
 import rand_transformer_next_token as study  # noqa: E402
 
 
+@pytest.mark.slow  # a side study's run (make test-all); keeps make test near 10 min
 def test_rand_transformer_next_token_study_tiny_run(tmp_path):
     out = tmp_path / "study"
     metrics = study.main(study.StudyConfig(steps=200, context_len=24, out_dir=str(out)))

@@ -6,6 +6,7 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "studies"))
@@ -14,6 +15,7 @@ import reverse_digits_by_length as study  # noqa: E402
 TINY = dict(seq_len=6, vocab_size=6, num_train=3000, num_heldout=500, steps=200, batch_size=64)
 
 
+@pytest.mark.slow  # a side study's run (make test-all); keeps make test near 10 min
 def test_reverse_digits_by_length_study_writes_per_length_metrics(tmp_path):
     # The task's tiny learning config (tests/test_reverse_digits.py): exact match 1.000 on seeds
     # 0..9 at 200 steps, so every length present must be reversed almost always.

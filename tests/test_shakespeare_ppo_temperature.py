@@ -37,6 +37,7 @@ def test_shakespeare_ppo_temperature_bisection_matches_diversity():
         assert distinct2(temp) == pytest.approx(target, abs=0.05)
 
 
+@pytest.mark.slow  # a side study's run (make test-all); keeps make test near 10 min
 def test_shakespeare_ppo_temperature_mini_run_matches_task(tmp_path, monkeypatch):
     """Same config and seed: the study's PPO and reference numbers are the task's, and the
     cooled reference is scored with every metric under the task's names."""
