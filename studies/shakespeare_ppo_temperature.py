@@ -5,8 +5,8 @@ likelihood under an n-gram fitted on the same sonnets as pi_ref, exp(R / beta) l
 pi_ref by a power of itself, as a lower temperature does. This study trains exactly what
 `tasks/shakespeare_ppo.py` trains (same config, same seed, same keys), then samples the reference
 at the temperature whose distinct-2 matches PPO's (bisection, the same key at every step) and
-scores that "cooled" reference with every metric of the task: reward and its parts, the
-independent judge, the copy check, KL to the reference.
+scores that "cooled" reference with every metric of the task (reward and its parts, the
+independent judge, the copy check) and of the diagnostics study (KL to the reference, ...).
 
     python studies/shakespeare_ppo_temperature.py   # writes runs/shakespeare_ppo/study/temperature/
     python studies/shakespeare_ppo_temperature.py --help    # the task's options
@@ -25,19 +25,20 @@ import tyro
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tasks"))
+sys.path.insert(0, str(ROOT / "studies"))
 import shakespeare_ppo as sp  # noqa: E402
+import shakespeare_ppo_diagnostics as diag  # noqa: E402
 
 OUT_DIR = "runs/shakespeare_ppo/study/temperature"
 
 
-def matched_temperature(data: dict, sample, ref_params, key, num: int, target: float) -> float:
+def matched_temperature(sample, ref_params, key, num: int, target: float) -> float:
     """The temperature at which the reference's distinct-2 equals `target` (bisection with the
     same key at every step): the cheapest way to trade diversity for likelihood, no training."""
     low, high = 0.3, 1.0
     for _ in range(8):
         mid = (low + high) / 2
-        tokens = np.asarray(sample(ref_params, key, num, mid))
-        too_cold = sp.text_metrics(tokens, data["corpus_bigrams"])["distinct2"] < target
+        too_cold = sp.distinct2(np.asarray(sample(ref_params, key, num, mid))) < target
         low, high = (mid, high) if too_cold else (low, mid)
     return (low + high) / 2
 
@@ -45,11 +46,13 @@ def matched_temperature(data: dict, sample, ref_params, key, num: int, target: f
 def cooled_metrics(cfg: sp.Config, data: dict, judge, graphdef, ref_params, target, key) -> tuple:
     """The reference at the temperature matching PPO's distinct-2 `target`: its metrics (keys as
     the task's, named `cooled`) and its first ten samples. `key` is the task's evaluation key."""
-    _, k_ref, _, k_cool = jax.random.split(key, 4)  # as in sp.evaluate
+    _, k_ref, _, k_cool = jax.random.split(key, 4)  # as in sp.sample_policies
     sample = jax.jit(partial(sp.sample_verses, graphdef), static_argnums=2)
-    temp = matched_temperature(data, sample, ref_params, k_cool, cfg.eval_samples, target)
+    temp = matched_temperature(sample, ref_params, k_cool, cfg.eval_samples, target)
     tokens = sample(ref_params, k_ref, cfg.eval_samples, temp)
-    result = sp.evaluate_policy(data, judge, graphdef, ref_params, tokens, ref_params, temp)
+    result = sp.evaluate_policy(data, judge, tokens)
+    corpus = diag.corpus_statistics(data)
+    result |= diag.diagnostics(data, corpus, graphdef, ref_params, tokens, ref_params, temp)
     metrics = {"cooled_temperature": temp}
     for k, v in result.items():
         if k != "samples":
@@ -63,7 +66,11 @@ def main(cfg: sp.Config) -> dict:
     data, judge = sp.prepare_data(cfg.vocab_size), sp.load_judge()
     key, k_ref, k_ppo, k_eval = jax.random.split(jax.random.key(cfg.seed), 4)
     graphdef, ref_params, ppo_params, _, _ = sp.train_policies(cfg, data, k_ref, k_ppo)
-    task, _ = sp.evaluate(cfg, data, judge, graphdef, ref_params, ppo_params, k_eval)
+    policies = sp.sample_policies(cfg, data, graphdef, ref_params, ppo_params, k_eval)
+    task, _ = sp.evaluate(cfg, data, judge, policies)
+    corpus = diag.corpus_statistics(data)
+    ppo_kl = [diag.diagnostics(data, corpus, graphdef, ref_params, *run) for run in policies["ppo"]]
+    task["ppo_kl_to_reference"] = float(np.mean([d["kl_to_reference"] for d in ppo_kl]))
     m = {"study": "shakespeare_ppo_temperature", "seed": cfg.seed, "num_seeds": cfg.num_seeds}
     keep = ["judge_reference", "judge_ppo", "judge_ppo_std", "reference_reward", "ppo_reward"]
     keep += ["reward_lm_ppo", "reward_metre_ppo", "ppo_distinct2", "ppo_kl_to_reference"]

@@ -12,37 +12,21 @@ length-normalised score (Wu et al. 2016, as simplified in Hugging Face)
     score(y) = s(y) / |y| ** length_penalty,  |y| = generated tokens, prompt excluded  (2)
 
 so `length_penalty` 0 ranks by raw log-probability (short outputs win), 1 by the mean
-log-probability per token, and 2 pushes towards longer outputs. The code follows Hugging Face's
-exact rules (`transformers/generation/utils.py`, `_beam_search`; listed in the beam-search cell),
-so `generate(num_beams=B)` returns the same sequences and scores: the tests check it on GPT-2 and
-Llama models, with and without EOS, length penalties 0, 1, 2 and both early-stopping modes.
+log-probability per token, and 2 pushes towards longer outputs. The code follows `_beam_search`
+in `transformers/generation/utils.py` rule for rule, so `generate(num_beams=B)` returns the same
+sequences and scores (tested on GPT-2 and Llama, with and without EOS, length penalties 0 to 2,
+both early-stopping modes). One difference: the prompt runs through the model once and its KV
+cache is copied to the B beams (`generate` runs it B times); same result, less work.
 
-The main run decodes 8 built-in contexts with width 10, prints the 10 beams of each with their
-scores, compares beam search with greedy decoding and ancestral sampling (log-prob per token,
-repetition rate, distinct-n), checks that `generate` gives the same output, and times both.
+The run decodes 8 built-in contexts with width 10, checks and times the search against `generate`,
+and sets it beside greedy decoding and ancestral sampling: beam search finds far likelier text
+(-0.79 nats per token against -1.06 and -2.75) and repeats itself more, the degeneration of
+Holtzman et al. (2020). Results: docs/beam_search.md.
 
-Usage:
-    python tasks/beam_search.py
-    python tasks/beam_search.py --help
-    python tasks/beam_search.py --device cuda   # auto (the default): CUDA, then MPS, then CPU
+    python tasks/beam_search.py [--help] [--device cuda]   # auto: CUDA, then MPS, then CPU
 
-Model: `openai-community/gpt2` by default (any hub id or local folder). Offline, the run falls
-back to the packaged SmolLM2-135M-Instruct (GGUF, dequantised to fp32 and cached under
-`$TOY_EXAMPLES_DATA/models/`) and records it as `model_used`.
-
-Expected result (packaged SmolLM2-135M, 8 contexts, width 10, 16 new tokens), in about 29 s on 2
-CPU cores: matches_generate = 1 (largest score difference 1.7e-6), speed 1.19x `generate`. Beam
-search finds continuations with a mean log-prob per token of -0.79, against -1.06 for greedy and
--2.75 for sampling, at the price of more repetition (0.089 vs 0.009 repeated 3-grams) and lower
-distinct-2 (0.84 vs 0.94 and 0.99): the degeneration Holtzman et al. (2020) describe. Results,
-timings and findings: docs/beam_search.md.
-
-Difference from `generate`: we run the prompt through the model once per prompt and copy its KV
-cache to the B beams (`generate` runs it B times); the result is the same, the work smaller.
-
-References: Hugging Face transformers `generate(num_beams=...)`; Wu et al. 2016, "Google's Neural
-Machine Translation System" (length penalty); Holtzman et al. 2020, "The Curious Case of Neural
-Text Degeneration"; Li et al. 2016 (distinct-n).
+Model: `openai-community/gpt2` (any hub id or local folder); offline, the packaged
+SmolLM2-135M-Instruct (GGUF, dequantised to fp32), recorded as `model_used`.
 """
 
 import contextlib
@@ -101,9 +85,7 @@ def check_out_dir(out_dir: str) -> None:
         raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
     is_run = (path / "config.json").exists() or (path / "metrics.json").exists()
     if path.is_dir() and any(path.iterdir()) and not is_run:
-        raise option_error(
-            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
-        )
+        raise option_error("out_dir", out_dir, "holds other files; give an empty or a run's folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryDirectory(dir=path.parent).cleanup()
@@ -242,10 +224,7 @@ def load_packaged_smollm2() -> tuple[torch.nn.Module, object, str]:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.rename(tmp, cache)
-    except (
-        OSError,
-        ValueError,
-    ) as err:  # another run cached it first, or no cache: go on
+    except (OSError, ValueError) as err:  # another run cached it first, or no cache: go on
         print(f"model not cached in {cache} ({type(err).__name__}: {err})")
     finally:
         if tmp is not None:
@@ -274,55 +253,35 @@ def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype = torch.f
 
 
 # %% [markdown]
-# ## Config
-# The defaults are the 2-core CPU run; `--help` lists every option.
+# ## Config and data
+# The defaults are the 2-core CPU run; `--help` lists every option. The data are ten openings of
+# different kinds (facts, stories, a sonnet); the run decodes the first `num_contexts`, left-padded
+# into one batch.
 
 
 # %%
 @dataclass(frozen=True)
 class Config:
-    model: str = "openai-community/gpt2"
-    """Hugging Face hub id or local folder; falls back to the packaged SmolLM2-135M if it fails."""
-    num_beams: int = 10
-    """Beam width B."""
-    max_new_tokens: int = 16
-    """Tokens generated per context (at most 512)."""
-    length_penalty: float = 1.0
-    """Exponent of the length normalisation, Eq. (2) (0 to 2 are the usual values)."""
-    early_stopping: bool = False
-    """Stop an item as soon as B hypotheses are finished (True) or use the heuristic (False)."""
-    num_contexts: int = 8
-    """How many of the built-in contexts to decode (at most len(CONTEXTS))."""
-    timing_repeats: int = 3
-    """Interleaved repetitions (ours, generate) for the speed ratio; the fastest of each is used."""
-    seed: int = 0
-    """Seed for the sampling baseline."""
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    """Where the model runs: auto takes CUDA, then Apple's MPS, then the CPU."""
-    out_dir: str = "runs/beam_search"
-    """Folder for figures and metrics.json."""
+    model: str = "openai-community/gpt2"  # Hub id or local folder; else the packaged SmolLM2-135M.
+    num_beams: int = 10  # Beam width B.
+    max_new_tokens: int = 16  # Tokens generated per context (at most 512).
+    length_penalty: float = 1.0  # Exponent of the length normalisation, Eq. (2) (usually 0 to 2).
+    early_stopping: bool = False  # Stop an item once B hypotheses are finished, not by heuristic.
+    num_contexts: int = 8  # How many of the built-in contexts to decode (at most len(CONTEXTS)).
+    timing_repeats: int = 3  # Interleaved runs (ours, generate) for the speed ratio; fastest used.
+    seed: int = 0  # Seed for the sampling baseline.
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA, then MPS, then the CPU.
+    out_dir: str = "runs/beam_search"  # Folder for figures and metrics.json.
 
 
 PRESETS: dict[str, Config] = {"cpu": Config()}
-
-# %% [markdown]
-# ## Data: the contexts
-# Ten openings of different kinds (facts, stories, a sonnet); the run decodes the first
-# `num_contexts`, left-padded into one batch.
-
-# %%
 CONTEXTS = (
-    "The meaning of life is",
-    "Once upon a time, in a small village,",
-    "The best way to learn a new language is",
-    "Scientists have discovered that",
-    "My favourite recipe for a rainy day",
-    "The capital of France is",
-    "In the year 2050, cities will",
-    "The old lighthouse keeper looked out at the sea and",
-    "Machine learning is",
-    "Shall I compare thee to a summer's day?",
-)
+    "The meaning of life is", "Once upon a time, in a small village,",
+    "The best way to learn a new language is", "Scientists have discovered that",
+    "My favourite recipe for a rainy day", "The capital of France is",
+    "In the year 2050, cities will", "The old lighthouse keeper looked out at the sea and",
+    "Machine learning is", "Shall I compare thee to a summer's day?",
+)  # fmt: skip
 
 # %% [markdown]
 # ## Beam search
@@ -358,7 +317,7 @@ class Hypotheses:
     can_improve: torch.Tensor  # (batch, 1) bool: running beams may still beat the finished set
 
 
-def special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int | None, int]:
+def special_ids(model, eos_token_id=None, pad_token_id=None) -> tuple[list[int], int | None, int]:
     """EOS ids, pad id and the fill value of unused positions, defaulting to the model's
     generation config as `generate` does (fill: HF's `pad or eos[0]`, so pad 0 becomes eos[0])."""
     gen_cfg = model.generation_config
@@ -370,9 +329,65 @@ def special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int | Non
     return eos, pad, (pad or eos[0]) if eos else -1
 
 
-def prefill(model, input_ids, attention_mask, num_beams: int) -> tuple:
-    """Run the prompts once; copy the KV cache, mask, next positions and last logits B times."""
-    # Left padding: positions from the mask (pads get position 0).
+def beam_step(hyp: Hypotheses, logits, cur_len: int, gen_len: int, eos, num_keep: int,
+              length_penalty: float, early_stopping: bool) -> tuple:  # fmt: skip
+    """Steps 1 to 4 on `hyp`, in place. -> the beam each new running beam extends (batch, B), and
+    which of the top K candidates stopped (batch, K)."""
+    batch, num_beams, max_len = hyp.running.shape
+    arange_b = torch.arange(batch, device=logits.device)[:, None]
+    # 1. expand: Eq. (1) over the B x V candidates of each item, then the top K, best first.
+    log_probs = torch.log_softmax(logits, dim=-1).view(batch, num_beams, -1)
+    vocab = log_probs.shape[-1]
+    cand_scores = (log_probs + hyp.running_scores[:, :, None]).view(batch, num_beams * vocab)
+    top_scores, top_idx = torch.topk(cand_scores, num_keep)
+    parent, token = top_idx // vocab, top_idx % vocab
+    cand_seqs = hyp.running[arange_b, parent]  # (batch, K, max_len)
+    cand_seqs[:, :, cur_len] = token
+    stops = torch.isin(token, eos) | (cur_len + 1 >= max_len)  # ends in EOS or at the maximum
+    # 2. select: the best B candidates that did not stop.
+    live_scores = top_scores - 1e9 * stops.float()
+    keep = torch.topk(live_scores, num_beams).indices  # (batch, B)
+    hyp.running = cand_seqs.gather(1, keep[:, :, None].expand(-1, -1, max_len))
+    hyp.running_scores = live_scores.gather(1, keep)
+    # 3. finish: stopped candidates among the top B, by Eq. (2); none enter when the set is full
+    # (early_stopping=True) or the item can no longer improve.
+    top_b = torch.arange(num_keep, device=logits.device) < num_beams  # (K,)
+    full = hyp.is_finished.all(-1, keepdim=True) & early_stopping
+    blocked = ~(stops & top_b) | full | ~hyp.can_improve
+    new_scores = top_scores / gen_len**length_penalty - 1e9 * blocked.float()
+    merged_scores = torch.cat([hyp.finished_scores, new_scores], 1)
+    best = torch.topk(merged_scores, num_beams).indices
+    hyp.finished = torch.cat([hyp.finished, cand_seqs], 1)[arange_b, best]
+    hyp.finished_scores = merged_scores.gather(1, best)
+    hyp.is_finished = torch.cat([hyp.is_finished, stops & top_b], 1).gather(1, best)
+    # 4. stop (HF's heuristic): can the best running beam, normalised by the current length,
+    # still beat the worst finished hypothesis?
+    best_running = hyp.running_scores[:, :1] / gen_len**length_penalty
+    worst = hyp.finished_scores.min(1, keepdim=True).values
+    worst_done = torch.where(hyp.is_finished, worst, -1e9)
+    hyp.can_improve = hyp.can_improve & (best_running > worst_done).any(-1, keepdim=True)
+    return parent.gather(1, keep), stops
+
+
+@torch.inference_mode()
+def beam_search(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask=None,
+                num_beams: int = 10, max_new_tokens: int = 32, eos_token_id=None,
+                pad_token_id=None, length_penalty: float = 1.0, early_stopping: bool = False,
+                num_return_sequences: int = 1, trace: list | None = None) -> tuple:  # fmt: skip
+    """Beam search over left-padded prompts (batch, prompt_len), with `generate`'s arguments and
+    output: `sequences` (batch * num_return_sequences, prompt_len + generated) and their scores,
+    Eq. (2). A missing EOS or pad id comes from `model.generation_config`. If `trace` is a list,
+    one dict per step is appended for batch item 0 (parents, tokens, scores of the running beams).
+    """
+    if num_beams < 1 or max_new_tokens < 1 or not 1 <= num_return_sequences <= num_beams:
+        got = (num_beams, max_new_tokens, num_return_sequences)
+        raise ValueError(f"need 1 <= num_return_sequences <= num_beams, max_new_tokens >= 1: {got}")
+    eos, pad, fill_value = special_ids(model, eos_token_id, pad_token_id)
+    (batch, prompt_len), device = input_ids.shape, input_ids.device
+    if attention_mask is None:  # infer it from padding, as generate does
+        can_infer = pad is not None and bool((input_ids == pad).any()) and pad not in eos
+        attention_mask = (input_ids != pad).long() if can_infer else torch.ones_like(input_ids)
+    # Prefill: run the prompts once, copy the KV cache, mask, positions and logits B times.
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=True)  # fmt: skip
@@ -381,150 +396,42 @@ def prefill(model, input_ids, attention_mask, num_beams: int) -> tuple:
     attention_mask = attention_mask.repeat_interleave(num_beams, 0)  # (batch * B, len)
     next_pos = position_ids[:, -1:].repeat_interleave(num_beams, 0) + 1  # (batch * B, 1)
     logits = out.logits[:, -1, :].float().repeat_interleave(num_beams, 0)  # (batch * B, V)
-    return cache, attention_mask, next_pos, logits
-
-
-def start_hypotheses(input_ids, num_beams: int, max_len: int, fill_value: int) -> Hypotheses:
-    batch, prompt_len = input_ids.shape
-    device = input_ids.device
+    max_len = prompt_len + max_new_tokens
     running = torch.full((batch, num_beams, max_len), fill_value, dtype=torch.long, device=device)
     running[:, :, :prompt_len] = input_ids[:, None, :]
     running_scores = torch.zeros(batch, num_beams, device=device)
     running_scores[:, 1:] = -1e9  # only beam 0 is live at step 1, so the B beams differ
-    return Hypotheses(
+    hyp = Hypotheses(
         running, running_scores, running.clone(),
         torch.full((batch, num_beams), -1e9, device=device),
         torch.zeros(batch, num_beams, dtype=torch.bool, device=device),
         torch.ones(batch, 1, dtype=torch.bool, device=device),
     )  # fmt: skip
-
-
-def expand(hyp: Hypotheses, logits: torch.Tensor, cur_len: int, num_keep: int) -> tuple:
-    """Eq. (1) over the B x V candidates of each item -> the top K: scores (batch, K), the beam
-    each extends and its token (batch, K), and the candidate sequences (batch, K, max_len)."""
-    batch, num_beams, _ = hyp.running.shape
-    log_probs = torch.log_softmax(logits, dim=-1).view(batch, num_beams, -1)
-    vocab = log_probs.shape[-1]
-    cand_scores = (log_probs + hyp.running_scores[:, :, None]).view(batch, num_beams * vocab)
-    top_scores, top_idx = torch.topk(cand_scores, num_keep)  # sorted, best first
-    parent, token = top_idx // vocab, top_idx % vocab
-    cand_seqs = hyp.running[torch.arange(batch, device=logits.device)[:, None], parent]
-    cand_seqs[:, :, cur_len] = token
-    return top_scores, parent, token, cand_seqs
-
-
-def select(hyp: Hypotheses, top_scores, parent, cand_seqs, stops) -> torch.Tensor:
-    """The next running beams: the best B candidates that did not stop. -> their parents."""
-    num_beams, max_len = hyp.running.shape[1:]
-    live_scores = top_scores - 1e9 * stops.float()
-    keep = torch.topk(live_scores, num_beams).indices  # (batch, B)
-    hyp.running = cand_seqs.gather(1, keep[:, :, None].expand(-1, -1, max_len))
-    hyp.running_scores = live_scores.gather(1, keep)
-    return parent.gather(1, keep)  # which old beam each new beam extends
-
-
-def finish(hyp: Hypotheses, top_scores, cand_seqs, stops, gen_len, length_penalty, early_stopping):
-    """Stopped candidates among the top B, scored by Eq. (2), merged into the finished set; none
-    enter when the set is full (early_stopping=True) or the item can no longer improve."""
-    batch, num_beams = hyp.finished_scores.shape
-    top_b = torch.arange(top_scores.shape[1], device=top_scores.device) < num_beams  # (K,)
-    new_scores = top_scores / gen_len**length_penalty
-    full = hyp.is_finished.all(-1, keepdim=True) & early_stopping
-    blocked = ~(stops & top_b) | full | ~hyp.can_improve
-    merged_scores = torch.cat([hyp.finished_scores, new_scores - 1e9 * blocked.float()], 1)
-    best = torch.topk(merged_scores, num_beams).indices
-    arange_b = torch.arange(batch, device=best.device)[:, None]
-    hyp.finished = torch.cat([hyp.finished, cand_seqs], 1)[arange_b, best]
-    hyp.finished_scores = merged_scores.gather(1, best)
-    hyp.is_finished = torch.cat([hyp.is_finished, stops & top_b], 1).gather(1, best)
-
-
-def update_can_improve(hyp: Hypotheses, gen_len: int, length_penalty: float) -> None:
-    """HF's stopping heuristic: can the best running beam, normalised by the current length,
-    still beat the worst finished hypothesis?"""
-    best_running = hyp.running_scores[:, :1] / gen_len**length_penalty
-    worst = hyp.finished_scores.min(1, keepdim=True).values
-    worst_done = torch.where(hyp.is_finished, worst, -1e9)
-    hyp.can_improve = hyp.can_improve & (best_running > worst_done).any(-1, keepdim=True)
-
-
-def decode_step(model, cache, attention_mask, next_pos, tokens, beam_parent) -> tuple:
-    """Reorder the KV cache to follow the surviving beams, then run their new tokens."""
-    batch, num_beams = beam_parent.shape
-    arange_b = torch.arange(batch, device=beam_parent.device)[:, None]
-    flat_parent = (beam_parent + arange_b * num_beams).view(-1)  # (batch * B,)
-    cache.reorder_cache(flat_parent)
-    attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(flat_parent), 1)], 1)
-    out = model(input_ids=tokens.reshape(-1, 1), attention_mask=attention_mask,
-                position_ids=next_pos, cache=cache, use_cache=True)  # fmt: skip
-    return out.cache, attention_mask, next_pos + 1, out.logits[:, -1, :].float()
-
-
-@torch.inference_mode()
-def beam_search(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    num_beams: int = 10,
-    max_new_tokens: int = 32,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
-    length_penalty: float = 1.0,
-    early_stopping: bool = False,
-    num_return_sequences: int = 1,
-    trace: list | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Beam search over left-padded prompts (batch, prompt_len); same output as HF `generate`.
-
-    Returns `sequences` (batch * num_return_sequences, prompt_len + generated) and their
-    length-normalised scores (batch * num_return_sequences,). Like `generate`, a missing
-    `eos_token_id` / `pad_token_id` is taken from `model.generation_config`. If `trace` is a list,
-    one dict per step is appended for batch item 0 (parents, tokens, scores of the running beams).
-    """
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if not 1 <= num_return_sequences <= num_beams:
-        raise ValueError(f"num_return_sequences must be in [1, num_beams={num_beams}], "
-                         f"got {num_return_sequences}")  # fmt: skip
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    eos, pad, fill_value = special_ids(model, eos_token_id, pad_token_id)
-    batch, prompt_len = input_ids.shape
-    if attention_mask is None:  # infer it from padding, as generate does
-        can_infer = pad is not None and bool((input_ids == pad).any()) and pad not in eos
-        attention_mask = (input_ids != pad).long() if can_infer else torch.ones_like(input_ids)
-    max_len = prompt_len + max_new_tokens
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     num_keep = max(2, 1 + len(eos)) * num_beams  # K candidates kept per step
-    eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
-    cache, attention_mask, next_pos, logits = prefill(model, input_ids, attention_mask, num_beams)
-    hyp = start_hypotheses(input_ids, num_beams, max_len, fill_value)
+    first_beam = torch.arange(batch, device=device)[:, None] * num_beams  # (batch, 1)
     for cur_len in range(prompt_len, max_len):
         gen_len = cur_len + 1 - prompt_len  # generated tokens including the new one
-        top_scores, parent, token, cand_seqs = expand(hyp, logits, cur_len, num_keep)
-        # A candidate stops if it ends in EOS or reaches the maximum length.
-        stops = torch.isin(token, eos_t) | (cur_len + 1 >= max_len)  # (batch, K)
-        beam_parent = select(hyp, top_scores, parent, cand_seqs, stops)
-        finish(hyp, top_scores, cand_seqs, stops, gen_len, length_penalty, early_stopping)
+        beam_parent, stops = beam_step(hyp, logits, cur_len, gen_len, eos_t, num_keep,
+                                       length_penalty, early_stopping)  # fmt: skip
         if trace is not None:
             trace.append({"parents": beam_parent[0].tolist(),
                           "tokens": hyp.running[0, :, cur_len].tolist(),
                           "scores": hyp.running_scores[0].tolist()})  # fmt: skip
-        update_can_improve(hyp, gen_len, length_penalty)
-        all_done = bool(hyp.is_finished.all()) and early_stopping
-        if (
-            not bool(hyp.can_improve.any())
-            or all_done
-            or bool(stops.all())
-            or cur_len + 1 >= max_len
-        ):
+        done = not bool(hyp.can_improve.any()) or (early_stopping and bool(hyp.is_finished.all()))
+        if done or bool(stops.all()) or gen_len == max_new_tokens:
             break
-        cache, attention_mask, next_pos, logits = decode_step(
-            model, cache, attention_mask, next_pos, hyp.running[:, :, cur_len], beam_parent
-        )
-    # Output: the best hypotheses, cropped to the longest one returned.
+        # Decode: reorder the KV cache to follow the surviving beams, then run their new tokens.
+        cache.reorder_cache((beam_parent + first_beam).view(-1))
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(logits), 1)], 1)
+        tokens = hyp.running[:, :, cur_len].reshape(-1, 1)  # (batch * B, 1)
+        out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=next_pos,
+                    cache=cache, use_cache=True)  # fmt: skip
+        cache, next_pos, logits = out.cache, next_pos + 1, out.logits[:, -1, :].float()
+    # Output: the best hypotheses, cropped to the longest one returned. Running beams never hold
+    # EOS, so a hypothesis ends at its first EOS (or at max length).
     seqs = hyp.finished[:, :num_return_sequences].reshape(batch * num_return_sequences, max_len)
     scores = hyp.finished_scores[:, :num_return_sequences].reshape(-1)
-    # Running beams never hold EOS, so a hypothesis ends at its first EOS (or at max length).
     out_len = prompt_len + max(len(r) for r in strip_generated(seqs, prompt_len, eos))
     return seqs[:, :out_len], scores
 
@@ -544,9 +451,7 @@ def beam_search(
 
 # %%
 @torch.inference_mode()
-def continuation_log_probs(
-    model: torch.nn.Module, seqs: torch.Tensor, mask: torch.Tensor, prompt_len: int
-) -> list[np.ndarray]:
+def continuation_log_probs(model, seqs, mask, prompt_len: int) -> list[np.ndarray]:
     """Per-token log p(y_t | x, y_<t) of each row's generated tokens (up to and incl. EOS)."""
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     logits = model(input_ids=seqs, attention_mask=mask, position_ids=pos).logits.float()
@@ -558,21 +463,15 @@ def continuation_log_probs(
 
 def strip_generated(seqs: torch.Tensor, prompt_len: int, eos: list[int]) -> list[list[int]]:
     """Generated token ids of each row, cut after the first EOS."""
-    rows = []
-    for row in seqs[:, prompt_len:].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        rows.append(row[:cut])
-    return rows
+    rows = seqs[:, prompt_len:].tolist()
+    cuts = [next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in rows]
+    return [row[:cut] for row, cut in zip(rows, cuts)]
 
 
 def repetition_rate(tokens: list[int], n: int = 3) -> float:
     """Share of a continuation's n-grams that already occurred earlier in it (loops -> 1)."""
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    seen, repeats = set(), 0
-    for g in grams:
-        repeats += g in seen
-        seen.add(g)
-    return repeats / max(len(grams), 1)
+    return sum(g in grams[:i] for i, g in enumerate(grams)) / max(len(grams), 1)
 
 
 def distinct_n(rows: list[list[int]], n: int) -> float:
@@ -581,171 +480,26 @@ def distinct_n(rows: list[list[int]], n: int) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
-def decode_stats(model, seqs, prompt_mask, prompt_len, eos) -> dict:
-    """Mean log-prob per token, mean repetition rate and distinct-1/2 of a set of decodes."""
-    rows = strip_generated(seqs, prompt_len, eos)
-    mask = torch.ones_like(seqs)
-    mask[:, :prompt_len] = prompt_mask
-    for i, r in enumerate(rows):
-        mask[i, prompt_len + len(r) :] = 0  # ignore what follows EOS
-    lps = continuation_log_probs(model, seqs, mask, prompt_len)
-    return {
-        "logprob_per_token": float(np.mean([lp.mean() for lp in lps])),
-        "repetition_rate": float(np.mean([repetition_rate(r) for r in rows])),
-        "distinct_1": distinct_n(rows, 1),
-        "distinct_2": distinct_n(rows, 2),
-        "texts": rows,
-        "row_logprob": np.array([lp.mean() for lp in lps]),
-    }
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a wall-clock time covers all of it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_both(model, ids, mask, kw: dict, repeats: int) -> tuple:
-    """Beam search by hand and `generate` with the same settings, interleaved, alternating which
-    runs first. Returns our (sequences, scores, trace of the first run), generate's output, and
-    the times of both."""
+def compare_with_generate(model, ids, mask, kw: dict, repeats: int) -> tuple:
+    """Our beams and `generate`'s, timed interleaved (alternating which runs first): the same
+    sequences, scores within 1e-4, and the speed ratio. -> our sequences, scores, the trace of
+    the first run, and the metrics of the check."""
     times, trace = {"ours": [], "generate": []}, []
     for rep in range(repeats):
         for name in ("ours", "generate") if rep % 2 == 0 else ("generate", "ours"):
             t0, c0 = time.perf_counter(), time.process_time()
             if name == "ours":
-                seqs, scores = beam_search(model, ids, mask, trace=trace if rep == 0 else None,
-                                           **kw)  # fmt: skip
+                seqs, scores = beam_search(model, ids, mask, trace=None if rep else trace, **kw)
             else:
                 ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                      output_scores=True, return_dict_in_generate=True,
                                      **kw)  # fmt: skip
-            synchronize(ids.device)
+            if ids.device.type == "cuda":  # wait for queued GPU work before reading the clock
+                torch.cuda.synchronize(ids.device)
             times[name].append(time.perf_counter() - t0)
             print(f"timing rep={rep} {name}_s={times[name][-1]:.2f} "
                   f"{name}_cpu_s={time.process_time() - c0:.2f}")  # fmt: skip
-    return seqs, scores, trace, ref, times["ours"], times["generate"]
-
-
-def baselines(model, ids, mask, best, kw: dict, eos: list[int], seed: int) -> dict:
-    """Decoding statistics of beam search's best hypotheses beside greedy decoding (our beam
-    search with B=1 is exactly greedy) and ancestral sampling, on the same contexts."""
-    greedy, _ = beam_search(model, ids, mask, **{**kw, "num_beams": 1, "num_return_sequences": 1})
-    torch.manual_seed(seed)
-    sample = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
-                            temperature=1.0, max_new_tokens=kw["max_new_tokens"],
-                            pad_token_id=kw["pad_token_id"])  # fmt: skip
-    stats = {
-        name: decode_stats(model, s, mask, ids.shape[1], eos)
-        for name, s in (("beam", best), ("greedy", greedy), ("sampling", sample))
-    }
-    print("\ndecoder   logprob/token  repetition  distinct-1  distinct-2")
-    for name, st in stats.items():
-        print(f"{name:9s} {st['logprob_per_token']:13.3f} {st['repetition_rate']:11.3f}"
-              f" {st['distinct_1']:11.3f} {st['distinct_2']:11.3f}")  # fmt: skip
-    return stats
-
-
-# %% [markdown]
-# ## Figures
-# The mean log-prob per generated token of all 10 final beams of every context, beside greedy
-# decoding and sampling: Eq. (2) inverted, the summed log-prob is $\mathrm{score} \cdot |y|^{lp}$,
-# so the mean per token is $\mathrm{score} \cdot |y|^{lp - 1}$. And the search tree of the first
-# context: the running beams at every step, with an edge to the beam each one extends.
-
-
-# %%
-def plot_beam_scores(path, contexts, beam_lp: np.ndarray, greedy, sample, model_used: str):
-    """README figure: per context, all final beams (dots), the best beam, greedy and sampling."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    x = np.arange(len(contexts))
-    for k in range(beam_lp.shape[1]):
-        ax.scatter(x, beam_lp[:, k], s=22, c=[plt.cm.viridis(k / beam_lp.shape[1])], zorder=3,
-                   label="all final beams" if k == 0 else None)  # fmt: skip
-    ax.plot(x, beam_lp[:, 0], "o-", c="C3", label=f"beam search, best of {beam_lp.shape[1]}")
-    ax.plot(x, greedy, "s--", c="C0", label="greedy")
-    ax.plot(x, sample, "^:", c="C2", label="sampling")
-    ax.set_xticks(x, [f"{i}" for i in x])
-    ax.set_xlabel("context", fontsize=12)
-    ax.set_ylabel("mean log-prob per token", fontsize=12)
-    ax.set_title(f"Beam search vs greedy vs sampling\n{model_used}", fontsize=12)
-    ax.legend(fontsize=10)
-    ax.tick_params(labelsize=11)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def plot_search_tree(path, trace: list, tokenizer, best: list[int], context: str, model_used):
-    """Running beams per step (rank 0 = best), edges to the beam each one extends."""
-    fig, ax = plt.subplots(figsize=(12, 5.5))
-    prefixes = [[]] * len(trace[0]["parents"])
-    for t, step in enumerate(trace):
-        new_prefixes = []
-        for rank, (par, tok) in enumerate(zip(step["parents"], step["tokens"])):
-            prefix = prefixes[par] + [tok]
-            new_prefixes.append(prefix)
-            on_best = prefix == best[: len(prefix)]
-            if t > 0:
-                ax.plot([t - 1, t], [par, rank], c="C3" if on_best else "0.75",
-                        lw=2 if on_best else 1)  # fmt: skip
-            ax.scatter(t, rank, s=12, c="C3" if on_best else "0.4", zorder=3)
-            if rank < 4 or on_best:
-                label = tokenizer.decode([tok]).replace("\n", "\\n")[:8]
-                ax.text(t, rank - 0.25, label, fontsize=6, ha="center", rotation=30)
-        prefixes = new_prefixes
-    ax.invert_yaxis()
-    ax.set_xlabel("decoding step")
-    ax.set_ylabel("beam rank (by summed log-prob)")
-    ax.set_title(f"Search tree, width {len(prefixes)}, {model_used}: {context!r} "
-                 "(red: returned hypothesis)")  # fmt: skip
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-# %% [markdown]
-# ## Main
-# Validate, load the model, decode and time both decoders, print the beams, compare with the
-# baselines, then write the figures and `metrics.json` (its `_target` and `_ceiling` keys are
-# the task's bars).
-
-
-# %%
-def validate(cfg: Config) -> None:
-    """Reject a bad option in one line, before any model work."""
-    if not cfg.model.strip():
-        raise option_error("model", repr(cfg.model), "give a hub id or a local folder")
-    check_number(cfg, "num_beams", 1)
-    check_number(cfg, "max_new_tokens", 1, 512)
-    check_number(cfg, "length_penalty", -10, 10)
-    check_number(cfg, "num_contexts", 1, len(CONTEXTS))
-    check_number(cfg, "timing_repeats", 1)
-    check_number(cfg, "seed", 0, 2**32, high_open=True)
-    pick_device(cfg.device)  # a named device must be present
-    check_out_dir(cfg.out_dir)
-
-
-def setup(cfg: Config) -> tuple:
-    """The model (warmed up), the tokenised contexts and the decoding settings."""
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model, tokenizer, model_used, _ = load_causal_lm(cfg.model, device)
-    tokenizer.padding_side = "left"  # beam search continues from the right end of every row
-    with torch.inference_mode():  # warm-up forward, so neither timed decoder pays first-call costs
-        model(input_ids=torch.ones(2, 4, dtype=torch.long, device=device))
-    enc = tokenizer(list(CONTEXTS[: cfg.num_contexts]), return_tensors="pt", padding=True)
-    enc = enc.to(device)
-    eos = model.generation_config.eos_token_id
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    kw = dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-              length_penalty=cfg.length_penalty, early_stopping=cfg.early_stopping,
-              num_return_sequences=cfg.num_beams, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    print(f"model_used={model_used} device={device}")
-    return model, tokenizer, model_used, enc["input_ids"], enc["attention_mask"], eos, kw
-
-
-def compare_with_generate(model, ids, mask, kw: dict, repeats: int) -> tuple:
-    """Our beams and `generate`'s: the same sequences, scores within 1e-4, and the speed ratio."""
-    seqs, scores, trace, ref, ours_s, ref_s = time_both(model, ids, mask, kw, repeats)
+    ours_s, ref_s = times["ours"], times["generate"]
     same_seqs = seqs.shape == ref.sequences.shape and torch.equal(seqs, ref.sequences)
     # Different sequences have no comparable scores: 1e9 stands in for "infinite error", since
     # metrics.json is strict JSON (no Infinity), and fails any tolerance as inf would.
@@ -765,31 +519,111 @@ def compare_with_generate(model, ids, mask, kw: dict, repeats: int) -> tuple:
     return seqs, scores, trace, check
 
 
-def print_beams(tokenizer, contexts, beam_rows, beam_scores, prompt_len, eos) -> None:
-    """The B beams of every context, best first, with their scores (Eq. 2)."""
-    for c, context in enumerate(contexts):
-        print(f"\n=== context {c}: {context!r}")
-        for k in range(beam_rows.shape[1]):
-            (gen,) = strip_generated(beam_rows[c, k : k + 1], prompt_len, eos)
-            text = tokenizer.decode(gen).replace("\n", "\\n")
-            print(f"  beam {k} score={beam_scores[c, k]:+.3f} | {text}")
+def baselines(model, ids, mask, best, kw: dict, eos: list[int], seed: int) -> tuple:
+    """Beam search's best hypotheses, greedy decoding (beam search with B=1) and ancestral
+    sampling. -> metrics (mean log-prob per token, repetition rate, distinct-1/2 of each), and per
+    decoder the generated tokens and the mean log-prob per token of each row."""
+    greedy, _ = beam_search(model, ids, mask, **{**kw, "num_beams": 1, "num_return_sequences": 1})
+    torch.manual_seed(seed)
+    sample = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
+                            temperature=1.0, max_new_tokens=kw["max_new_tokens"],
+                            pad_token_id=kw["pad_token_id"])  # fmt: skip
+    metrics, texts, row_logprob, prompt_len = {}, {}, {}, ids.shape[1]
+    print("\ndecoder   logprob/tok  repetition  distinct-1  distinct-2")
+    for name, seqs in (("beam", best), ("greedy", greedy), ("sampling", sample)):
+        rows = strip_generated(seqs, prompt_len, eos)
+        full_mask = torch.ones_like(seqs)
+        full_mask[:, :prompt_len] = mask
+        for i, row in enumerate(rows):
+            full_mask[i, prompt_len + len(row) :] = 0  # ignore what follows EOS
+        row_lp = [lp.mean() for lp in continuation_log_probs(model, seqs, full_mask, prompt_len)]
+        texts[name], row_logprob[name] = rows, np.array(row_lp)
+        measures = {
+            f"{name}_logprob_per_token": float(np.mean(row_lp)),
+            f"{name}_repetition_rate": float(np.mean([repetition_rate(r) for r in rows])),
+            f"{name}_distinct_1": distinct_n(rows, 1),
+            f"{name}_distinct_2": distinct_n(rows, 2),
+        }
+        print(f"{name:9s}", *(f"{value:11.3f}" for value in measures.values()))
+        metrics |= measures
+    return metrics, texts, row_logprob
+
+
+# %% [markdown]
+# ## Main
+# Validate, load the model, decode and time both decoders, print the beams, compare with the
+# baselines, then write `metrics.json` (its `_target` and `_ceiling` keys are the task's bars) and
+# the figure: the mean log-prob per generated token of all final beams of every context, beside
+# greedy decoding and sampling. Eq. (2) inverted, the summed log-prob is
+# $\mathrm{score} \cdot |y|^{lp}$, so the mean per token is $\mathrm{score} \cdot |y|^{lp - 1}$.
+# (`studies/beam_search_tree.py` draws the search tree of the first context.)
+
+
+# %%
+def plot_beam_scores(path, beam_lp: np.ndarray, greedy, sample, model_used: str) -> None:
+    """README figure: per context, all final beams (dots), the best beam, greedy and sampling."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    x = np.arange(len(beam_lp))
+    for k in range(beam_lp.shape[1]):
+        ax.scatter(x, beam_lp[:, k], s=22, c=[plt.cm.viridis(k / beam_lp.shape[1])], zorder=3,
+                   label="all final beams" if k == 0 else None)  # fmt: skip
+    ax.plot(x, beam_lp[:, 0], "o-", c="C3", label=f"beam search, best of {beam_lp.shape[1]}")
+    ax.plot(x, greedy, "s--", c="C0", label="greedy")
+    ax.plot(x, sample, "^:", c="C2", label="sampling")
+    ax.set_xticks(x, [f"{i}" for i in x])
+    ax.set_xlabel("context", fontsize=12)
+    ax.set_ylabel("mean log-prob per token", fontsize=12)
+    ax.set_title(f"Beam search vs greedy vs sampling\n{model_used}", fontsize=12)
+    ax.legend(fontsize=10)
+    ax.tick_params(labelsize=11)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def validate(cfg: Config) -> None:
+    """Reject a bad option in one line, before any model work."""
+    if not cfg.model.strip():
+        raise option_error("model", repr(cfg.model), "give a hub id or a local folder")
+    check_number(cfg, "num_beams", 1)
+    check_number(cfg, "max_new_tokens", 1, 512)
+    check_number(cfg, "length_penalty", -10, 10)
+    check_number(cfg, "num_contexts", 1, len(CONTEXTS))
+    check_number(cfg, "timing_repeats", 1)
+    check_number(cfg, "seed", 0, 2**32, high_open=True)
+    pick_device(cfg.device)  # a named device must be present
+    check_out_dir(cfg.out_dir)
 
 
 def main(cfg: Config) -> dict:
     validate(cfg)
-    timer = PhaseTimer()
-    model, tokenizer, model_used, ids, mask, eos, kw = setup(cfg)
-    contexts, prompt_len = list(CONTEXTS[: cfg.num_contexts]), ids.shape[1]
+    timer, device = PhaseTimer(), pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, model_used, _ = load_causal_lm(cfg.model, device)
+    tokenizer.padding_side = "left"  # beam search continues from the right end of every row
+    with torch.inference_mode():  # warm-up forward, so neither timed decoder pays first-call costs
+        model(input_ids=torch.ones(2, 4, dtype=torch.long, device=device))
+    contexts = list(CONTEXTS[: cfg.num_contexts])
+    enc = tokenizer(contexts, return_tensors="pt", padding=True).to(device)
+    ids, mask, prompt_len = enc["input_ids"], enc["attention_mask"], enc["input_ids"].shape[1]
+    eos = special_ids(model)[0]
+    kw = dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+              length_penalty=cfg.length_penalty, early_stopping=cfg.early_stopping,
+              num_return_sequences=cfg.num_beams, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    print(f"model_used={model_used} device={device}")
     timer.lap("setup")
     seqs, scores, trace, check = compare_with_generate(model, ids, mask, kw, cfg.timing_repeats)
     beam_rows = seqs.view(len(contexts), cfg.num_beams, -1)  # grouped by context, best first
     beam_scores = scores.view(len(contexts), cfg.num_beams).cpu().numpy()
-    print_beams(tokenizer, contexts, beam_rows, beam_scores, prompt_len, eos)
-    stats = baselines(model, ids, mask, beam_rows[:, 0], kw, eos, cfg.seed)
+    for c, context in enumerate(contexts):  # the B beams of every context, with Eq. (2) scores
+        print(f"\n=== context {c}: {context!r}")
+        for k, gen in enumerate(strip_generated(beam_rows[c], prompt_len, eos)):
+            text = tokenizer.decode(gen).replace("\n", "\\n")
+            print(f"  beam {k} score={beam_scores[c, k]:+.3f} | {text}")
+    base_metrics, texts, row_lp = baselines(model, ids, mask, beam_rows[:, 0], kw, eos, cfg.seed)
     for c, context in enumerate(contexts[:3]):
         print(f"\n{context!r}")
-        for name, st in stats.items():
-            print(f"  {name:9s}| {tokenizer.decode(st['texts'][c])!r}")
+        for name, rows in texts.items():
+            print(f"  {name:9s}| {tokenizer.decode(rows[c])!r}")
     timer.lap("evaluate")
     metrics = {
         "task": "beam_search", "seed": cfg.seed, "preset": getattr(cfg, "preset", "cpu"),
@@ -798,25 +632,14 @@ def main(cfg: Config) -> dict:
         # Tokens run through the model per second by the hand-written search, fastest run: every
         # decoding step (len(trace)) feeds one token to each of the contexts x B beams.
         "throughput": float(len(contexts) * cfg.num_beams * len(trace) / check["ours_min_s"]),
-        "throughput_unit": "beam-tokens/s",
+        "throughput_unit": "beam-tokens/s", **base_metrics,
     }  # fmt: skip
-    for name, st in stats.items():
-        for key in ("logprob_per_token", "repetition_rate", "distinct_1", "distinct_2"):
-            metrics[f"{name}_{key}"] = float(st[key])
     # Eq. (2) inverted: the mean log-prob per token of each beam is score * L**(lp - 1).
     gen_len = np.array([len(r) for r in strip_generated(seqs, prompt_len, eos)])
-    beam_lp = (scores.cpu().numpy() * gen_len ** (cfg.length_penalty - 1)).reshape(
-        len(contexts), -1
-    )
-    greedy_lp, sample_lp = stats["greedy"]["row_logprob"], stats["sampling"]["row_logprob"]
+    beam_lp = scores.cpu().numpy() * gen_len ** (cfg.length_penalty - 1)
     with staged_run(cfg.out_dir) as out:
-        plot_beam_scores(
-            out / "beam_scores.png", contexts, beam_lp, greedy_lp, sample_lp, model_used
-        )
-        best_path = beam_rows[0, 0, prompt_len:].tolist()  # the trace follows context 0
-        plot_search_tree(
-            out / "search_tree.png", trace, tokenizer, best_path, contexts[0], model_used
-        )
+        plot_beam_scores(out / "beam_scores.png", beam_lp.reshape(len(contexts), -1),
+                         row_lp["greedy"], row_lp["sampling"], model_used)  # fmt: skip
         metrics |= {"wall_time_s": float(timer.lap("figures")), "wall_time_s_ceiling": 120}
         metrics["time_split_s"] = dict(timer.split)
         write_metrics(out, cfg, metrics)

@@ -2,51 +2,34 @@
 
 What this teaches: meta-learning a hyperparameter by differentiating through the learner's own
 updates, and how BMG (Flennerhag et al., ICLR 2022, "Bootstrapped Meta-Learning") differs from
-MG (Xu et al. 2018). A meta-learner with parameters w sets the entropy weight eps of an A2C agent,
-whose K SGD steps make theta_K a differentiable function of w:
+MG (Xu et al. 2018). A meta-learner w sets the entropy weight eps of an A2C agent, whose K SGD
+steps make theta_K a differentiable function of w:
 
-    theta_{k+1} = theta_k - alpha grad L_A2C(theta_k; eps_k),   eps_k = f_w(recent rewards),
-    L_A2C = -mean(log pi(a|s) A) + 0.5 mean(A^2) - eps mean(H(pi(.|s))).
+    theta_{k+1} = theta_k - alpha grad L_A2C(theta_k; eps_k),   eps_k = f_w(recent rewards).
 
-- MG minimises the policy-gradient loss of theta_K on its next rollout: it sees one step past the
-  horizon (myopic: entropy never lowers the immediate loss).
-- BMG bootstraps a target from theta_K, L - 1 more steps of the agent's own update rule and a
-  last plain policy-gradient step, theta~ = theta_{K+L-1} - alpha grad L_pg, and pulls theta_K
-  towards it in policy space (Eq. 3): L_BMG(w) = KL(pi_{stop_grad(theta~)} || pi_{theta_K(w)}).
+MG minimises the policy-gradient loss of theta_K on its next rollout (myopic: entropy never
+lowers the immediate loss). BMG bootstraps a target theta~ from theta_K by L - 1 more agent steps
+and a last policy-gradient step, and minimises KL(pi_{stop_grad(theta~)} || pi_{theta_K(w)}).
+The world is the paper's "two colours" grid, whose colours swap their rewards every `swap_every`
+steps, unobserved. Baselines: fixed eps in {0, .1, .2, .4, .8}, the best in hindsight reported.
+Every arm starts at the first swap from one shared warmed-up agent per seed, and rollout i of
+every arm draws the same random numbers.
 
-The task is the paper's non-stationary "two colours" grid world: on a 5x5 grid without episodes
-the agent collects a blue and a red object (+1 for one colour, -1 for the other; the object
-reappears on a random free cell; other steps cost 0.04). Every `swap_every` steps the colours'
-rewards swap, unobserved. The meta-learner sees the mean reward of the last 10 rollouts,
-normalised and squashed to [-1, 1] (Luketina et al. 2022); eps = sigmoid(.) starts near 0.5.
-Baselines: fixed eps in {0, .1, .2, .4, .8}, the best in hindsight reported. Paired design: per
-seed, every arm starts at the first swap from one agent warmed up on the first (blue) phase, and
-rollout i of every arm draws the same random numbers.
-
-    python tasks/bmg.py
+    python tasks/bmg.py                                 # --help: every option
     python tasks/bmg.py --bmg-target-eps zero           # ablation: no entropy in BMG's target
     python tasks/bmg.py --preset paper --num-seeds 1    # the paper's budget: ~1 h CPU a seed
-    python tasks/bmg.py --help
 
-At defaults (10 seeds, 200k steps, swaps every 50k; runtime: see docs/bmg.md) the cumulative
-reward from the first swap (mean ± std over seeds) is: best fixed eps (0.1) 10409 ± 3047, MG
-5765 ± 3036, BMG -1857 ± 1229; paired, BMG - MG = -7622 ± 708 (s.e.), BMG ahead on 0 of 10 seeds.
-The BMG bars are not met at defaults: MG's eps rises at every swap; the paper's BMG holds eps
-near 0.5, because its target's L - 1 steps carry the learned entropy bonus (with
-`--bmg-target-eps zero`: BMG 7950 ± 2241, ahead of MG on 8 of 10 seeds). Results, the diagnosis
-and the settings tried: docs/bmg.md.
-
-Differences from the paper, for minutes on 2 CPU cores (`--preset paper` restores the budget,
-swap period, width and single grid): 200k steps, swaps every 50k, meta lr 1e-3 (paper 6.4M,
-100k, 1e-4); 8 grids per update; width 32 (reproductions 256); egocentric observation (offsets
-of blue and red from the agent: "go to red" is linear in it); the shared warm-up phase.
+At defaults (10 seeds, 200k steps, swaps every 50k) the cumulative reward from the first swap
+(mean ± std over seeds) is: best fixed eps (0.1) 10409 ± 3047, MG 5765 ± 3036, BMG -1857 ± 1229,
+so the BMG bars are not met: BMG's eps stays near 0.5, because its target's L - 1 steps carry the
+learned entropy bonus (with `--bmg-target-eps zero` BMG beats MG on 8 of 10 seeds). Runtime, the
+diagnosis and the differences from the paper (budget, 8 grids per update, width 32, egocentric
+observation, the warm-up; `--preset paper` restores most of them): docs/bmg.md.
 """
 
 # %% [markdown]
 # ## Imports and shared helpers
-# Pure JAX: each arm is a jitted `lax.scan`, vmapped over fixed-eps values and over seeds, the
-# seed axis sharded over the devices. The helpers are identical in every task (a test compares
-# the copies); the lesson starts at the Config.
+# The helpers are identical in every task (a test compares the copies); the lesson starts below.
 # %%
 import contextlib
 import dataclasses
@@ -93,9 +76,7 @@ def check_out_dir(out_dir: str) -> None:
         raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
     is_run = (path / "config.json").exists() or (path / "metrics.json").exists()
     if path.is_dir() and any(path.iterdir()) and not is_run:
-        raise option_error(
-            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
-        )
+        raise option_error("out_dir", out_dir, "holds other files; give an empty or a run's folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryDirectory(dir=path.parent).cleanup()
@@ -192,10 +173,8 @@ def run_cli() -> dict:
 def device_info() -> dict:
     """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
     devices = jax.devices()
-    return {
-        "device": f"{jax.default_backend()}:{devices[0].device_kind}",
-        "num_devices": len(devices),
-    }
+    kind = f"{jax.default_backend()}:{devices[0].device_kind}"
+    return {"device": kind, "num_devices": len(devices)}
 
 
 def shard_seeds(tree):
@@ -214,8 +193,10 @@ def shard_seeds(tree):
 
 
 # %% [markdown]
-# ## Config
-# The defaults are the 2-core CPU run; `--preset paper` is the paper's budget and widths.
+# ## Config and the two-colours grid world
+# A 5x5 grid without episodes. Moving onto an object collects it (+1 for one colour, -1 for the
+# other; other steps cost 0.04) and it reappears on a free cell; every `swap_every` steps the
+# colours' rewards swap. The observation is egocentric (offsets of blue and red from the agent).
 # %%
 @dataclasses.dataclass(frozen=True)
 class Config:  # each field's comment is its `--help` text
@@ -232,26 +213,15 @@ class Config:  # each field's comment is its `--help` text
     l_target: int = 9  # L: BMG's bootstrap, L - 1 agent steps + one policy-gradient step
     hidden: int = 32  # width of the actor's and critic's two hidden layers (reproductions: 256)
     fixed_epsilons: tuple[float, ...] = (0.0, 0.1, 0.2, 0.4, 0.8)  # fixed-eps A2C baselines
-    # Entropy weight in BMG's target's L - 1 steps: the learned eps (as the paper), or 0, which
-    # removes the target's pull towards more entropy (an ablation, see docs/bmg.md).
+    # Entropy weight in BMG's target's L - 1 steps: the learned eps (as the paper), or 0 (ablation)
     bmg_target_eps: Literal["learned", "zero"] = "learned"
-    # `cpu`: these defaults, minutes on 2 cores. `paper`: the paper's budget (6.4M steps, swaps
-    # every 100k, one grid, width 256, meta lr 1e-4; agent lr 0.0125), an hour of CPU per seed.
+    # `cpu`: these defaults. `paper`: the paper's budget, width and single grid; lr 0.0125
     preset: Literal["cpu", "paper"] = "cpu"
 
 
 # At width 256 the agent lr 0.1 diverged (docs/bmg.md): the preset scales it by 32 / 256.
 PAPER = dict(total_steps=6_400_000, swap_every=100_000, num_envs=1, hidden=256, meta_lr=1e-4)
 PRESETS: dict[str, Config] = {"cpu": Config(), "paper": Config(preset="paper", lr=0.0125, **PAPER)}
-
-
-# %% [markdown]
-# ## Environment: two colours
-# A 5x5 grid, no episodes. Moving onto an object collects it and it reappears on a uniform free
-# cell; every `swap_every` steps blue's and red's rewards swap. The observation is egocentric:
-# one-hot row and column offsets of blue and red from the agent, and the agent's own row and
-# column (to see the walls).
-# %%
 GRID, N_ACTIONS = 5, 4  # actions: up, down, left, right
 N_CELLS = GRID * GRID
 OBS_DIM = 4 * (2 * GRID - 1) + 2 * GRID  # offsets of blue and red (rows, cols), agent row, col
@@ -267,8 +237,7 @@ class EnvState(NamedTuple):
 
 
 def observe(state: EnvState) -> jax.Array:
-    """(46,) one-hot row and column offsets of blue and red from the agent, in [-4, 4], then the
-    agent's one-hot row and column (to see the walls)."""
+    """(46,) one-hot offsets in [-4, 4] of blue and red from the agent, then its row and column."""
     row, col = state.agent // GRID, state.agent % GRID
     offsets = jnp.stack([state.blue // GRID - row, state.blue % GRID - col,
                          state.red // GRID - row, state.red % GRID - col])  # fmt: skip
@@ -277,8 +246,7 @@ def observe(state: EnvState) -> jax.Array:
 
 
 def free_cell(u: jax.Array, taken_a: jax.Array, taken_b: jax.Array) -> jax.Array:
-    """The k-th of the 23 cells other than two distinct taken ones, k = floor(23 u), u ~ U[0, 1):
-    a uniform free cell from one uniform number (cheaper than a categorical over 25 cells)."""
+    """The k-th of the 23 cells other than two distinct taken ones, k = floor(23 u), u ~ U[0, 1)."""
     low, high = jnp.minimum(taken_a, taken_b), jnp.maximum(taken_a, taken_b)
     cell = jnp.minimum((u * (N_CELLS - 2)).astype(jnp.int32), N_CELLS - 3)
     cell = cell + (cell >= low)
@@ -295,8 +263,7 @@ def env_reset(key: jax.Array) -> EnvState:
 
 
 def env_step(state: EnvState, action: jax.Array, u: jax.Array, swap_every: int):
-    """Move (walls block), collect an object if the agent lands on it, respawn it on a uniform
-    free cell (u ~ U[0, 1) picks it), and swap the colours' rewards every swap_every steps."""
+    """Move (walls block), collect and respawn (u picks the free cell), swap every swap_every."""
     row, col = state.agent // GRID, state.agent % GRID
     row = jnp.clip(row + jnp.array([-1, 1, 0, 0])[action], 0, GRID - 1)
     agent = row * GRID + jnp.clip(col + jnp.array([0, 0, -1, 1])[action], 0, GRID - 1)
@@ -311,16 +278,15 @@ def env_step(state: EnvState, action: jax.Array, u: jax.Array, swap_every: int):
 
 
 # %% [markdown]
-# ## Agent and meta-learner
+# ## Agent, rollouts and the A2C loss
 # Meta-gradients differentiate through SGD steps $\theta' = \theta - \alpha \nabla L(\theta)$, so
-# the networks are plain pytrees with pure apply functions rather than Flax NNX modules: every
-# inner step is a one-line `tree_map` that `jax.grad` sees through. The meta-learner is an MLP
-# $10 \to 32 \to 1$ with $\epsilon = \sigma(f_w(x))$, starting near 0.5.
+# the networks are plain pytrees (not Flax NNX modules), updated by a `tree_map` `jax.grad` sees
+# through. The agent's loss is
+# $$L_\text{A2C}(\theta; \epsilon) = -\overline{\log \pi_\theta(a|s)\,A} + \tfrac12 \overline{A^2}
+# - \epsilon\,\overline{H(\pi_\theta(\cdot|s))},\qquad A = G_t - V(s_t),$$
+# with $n$-step returns $G_t = r_t + \gamma G_{t+1}$, $G_T = V(s_T)$. BMG's target takes one last
+# policy-gradient step; it matches by $\mathrm{KL}(\pi_{\tilde\theta} \| \pi_{\theta_K})$.
 # %%
-STATS_LEN, STATS_DECAY = 10, 0.99  # last 10 rollout rewards; running statistics' decay
-META_HIDDEN, META_ADAM_EPS = 32, 1e-4  # as the public reproduction
-
-
 def init_mlp(key: jax.Array, sizes: list[int]) -> list[dict]:
     """LeCun-normal weights, zero biases."""
     keys = jax.random.split(key, len(sizes) - 1)
@@ -334,33 +300,6 @@ def apply_mlp(layers: list[dict], x: jax.Array) -> jax.Array:
     return x @ layers[-1]["w"] + layers[-1]["b"]
 
 
-def init_agent(key: jax.Array, hidden: int) -> dict:
-    """Separate actor and critic MLPs, as the paper's A2C; a near-uniform initial policy."""
-    k_pi, k_v = jax.random.split(key)
-    actor = init_mlp(k_pi, [OBS_DIM, hidden, hidden, N_ACTIONS])
-    actor[-1]["w"] = actor[-1]["w"] * 0.01
-    return {"actor": actor, "critic": init_mlp(k_v, [OBS_DIM, hidden, hidden, 1])}
-
-
-def init_meta(key: jax.Array) -> list[dict]:
-    """eps = sigmoid(MLP(x)) starts near 0.5: zero output bias, small output weights."""
-    layers = init_mlp(key, [STATS_LEN, META_HIDDEN, 1])
-    layers[-1]["w"] = layers[-1]["w"] * 0.1
-    return layers
-
-
-def meta_epsilon(meta_params: list[dict], x: jax.Array) -> jax.Array:
-    return jax.nn.sigmoid(apply_mlp(meta_params, x)[0])
-
-
-# %% [markdown]
-# ## Rollouts and the A2C loss
-# $$L_\text{A2C}(\theta; \epsilon) = -\overline{\log \pi_\theta(a|s)\,A} + \tfrac12 \overline{A^2}
-# - \epsilon\,\overline{H(\pi_\theta(\cdot|s))},\qquad A = G_t - V(s_t),$$
-# with $n$-step returns $G_t = r_t + \gamma G_{t+1}$, $G_T = V(s_T)$. BMG's target takes one last
-# plain policy-gradient step, and its matching function is
-# $\mu = \mathrm{KL}(\pi_{\tilde\theta} \,\|\, \pi_{\theta_K})$ (Eq. 3).
-# %%
 class Rollout(NamedTuple):
     obs: jax.Array  # (T, B, 46) for T steps of B copies of the grid
     actions: jax.Array  # (T, B)
@@ -387,8 +326,7 @@ def collect_rollout(params: dict, env_state: EnvState, key: jax.Array, cfg: Conf
 
 
 def a2c_losses(params: dict, ro: Rollout) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(policy-gradient loss, value loss, mean entropy) on one rollout, with n-step returns
-    G_t = r_t + gamma G_{t+1}, G_T = V(s_T) (a reverse scan)."""
+    """(policy-gradient loss, value loss, mean entropy) on one rollout, returns by reverse scan."""
     values = apply_mlp(params["critic"], ro.obs)[..., 0]  # (T, B)
     bootstrap = apply_mlp(params["critic"], ro.last_obs)[..., 0]
     back = lambda g, r: (r + GAMMA * g, r + GAMMA * g)  # noqa: E731
@@ -399,12 +337,6 @@ def a2c_losses(params: dict, ro: Rollout) -> tuple[jax.Array, jax.Array, jax.Arr
     pg_loss = -jnp.mean(log_pi_a * jax.lax.stop_gradient(advantage))
     entropy = -jnp.mean(jnp.sum(jnp.exp(log_pi) * log_pi, axis=-1))
     return pg_loss, 0.5 * jnp.mean(advantage**2), entropy
-
-
-def a2c_loss(params: dict, ro: Rollout, epsilon: jax.Array) -> jax.Array:
-    """The agent's objective L_A2C(theta; eps): its gradient is the inner update."""
-    pg_loss, value_loss, entropy = a2c_losses(params, ro)
-    return pg_loss + value_loss - epsilon * entropy
 
 
 def bmg_target(params: dict, ro: Rollout, lr: float) -> dict:
@@ -421,14 +353,21 @@ def kl_matching(target_params: dict, params: dict, obs: jax.Array) -> jax.Array:
 
 
 # %% [markdown]
-# ## Meta-losses: MG and BMG
-# Both take $K$ differentiable agent steps to $\theta_K(w)$. MG's loss is the policy-gradient
-# loss of $\theta_K$ on the rollout $\theta_K$ collects. BMG continues $L-1$ steps without
-# gradient, then one policy-gradient step, to the target $\tilde\theta$, and minimises
-# $\mathrm{KL}(\pi_{\tilde\theta} \| \pi_{\theta_K(w)})$. The meta-input is the last 10 rollout
-# rewards, normalised by running statistics and squashed by tanh, so a swap shows as a drop
-# towards $-1$ whatever the reward scale.
+# ## Meta-learner and meta-losses: MG and BMG
+# The meta-learner is an MLP $10 \to 32 \to 1$, $\epsilon = \sigma(f_w(x))$, starting near 0.5.
+# Its input, the last 10 rollout rewards normalised by running statistics and squashed by tanh,
+# shows a swap as a drop towards $-1$ whatever the reward scale (Luketina et al. 2022). Both
+# meta-losses take $K$ differentiable agent steps to $\theta_K(w)$: MG's loss is the
+# policy-gradient loss of $\theta_K$, BMG's $\mathrm{KL}(\pi_{\tilde\theta} \| \pi_{\theta_K(w)})$.
 # %%
+STATS_LEN, STATS_DECAY = 10, 0.99  # last 10 rollout rewards; running statistics' decay
+META_HIDDEN, META_ADAM_EPS = 32, 1e-4  # as the public reproduction
+
+
+def meta_epsilon(meta_params: list[dict], x: jax.Array) -> jax.Array:
+    return jax.nn.sigmoid(apply_mlp(meta_params, x)[0])
+
+
 class Inner(NamedTuple):
     params: dict  # agent's theta
     rollout: Rollout  # collected with the current theta, to be used for its next update
@@ -440,17 +379,19 @@ class Inner(NamedTuple):
 
 
 def meta_input(inner: Inner) -> jax.Array:
-    """The reward statistics normalised by their running mean and std, squashed to [-1, 1]: a
-    swap shows as a drop towards -1 whatever the reward scale."""
+    """The reward statistics normalised by their running mean and std, squashed to [-1, 1]."""
     mean, mean_sq = inner.running
     std = jnp.sqrt(jnp.maximum(mean_sq - mean**2, 0.0))
     return jnp.tanh((inner.reward_stats - mean) / (std + 1e-2))
 
 
 def agent_steps(eps_fn, inner: Inner, n_steps: int, cfg: Config):
-    """n_steps agent updates, each on the pending rollout, then a fresh rollout with the new
-    theta. eps_fn maps the meta-input to eps; gradients flow from it into theta. Logs
-    (eps, reward per copy, A2C loss) per rollout."""
+    """n_steps SGD steps on L_A2C(eps_fn(meta-input)), each on the pending rollout, then a fresh
+    rollout. Logs (eps, reward per copy, A2C loss) per rollout."""
+
+    def a2c_loss(params: dict, ro: Rollout, epsilon: jax.Array) -> jax.Array:
+        pg_loss, value_loss, entropy = a2c_losses(params, ro)
+        return pg_loss + value_loss - epsilon * entropy
 
     def step(inner: Inner, _):
         eps = eps_fn(meta_input(inner))
@@ -467,34 +408,26 @@ def agent_steps(eps_fn, inner: Inner, n_steps: int, cfg: Config):
     return jax.lax.scan(step, inner, None, length=n_steps)
 
 
-def mg_meta_loss(meta_params: list[dict], inner: Inner, cfg: Config):
-    """MG: K differentiable steps, then the policy-gradient loss of theta_K on the rollout that
-    theta_K itself collected."""
-    eps_fn = lambda x: meta_epsilon(meta_params, x)  # noqa: E731
-    inner, logs = agent_steps(eps_fn, inner, cfg.k_inner, cfg)
-    return a2c_losses(inner.params, inner.rollout)[0], (inner, logs)
-
-
-def bmg_meta_loss(meta_params: list[dict], inner: Inner, cfg: Config):
-    """BMG: K differentiable steps to theta_K; L - 1 more steps (no gradient) and one
-    policy-gradient step give the target theta~; loss KL(pi_theta~ || pi_theta_K)."""
-    eps_fn = lambda x: meta_epsilon(meta_params, x)  # noqa: E731
-    inner_k, logs_k = agent_steps(eps_fn, inner, cfg.k_inner, cfg)
-    frozen = lambda x: meta_epsilon(jax.lax.stop_gradient(meta_params), x)  # noqa: E731
+def meta_loss(meta_params: list[dict], inner: Inner, cfg: Config, arm: str):
+    """MG's or BMG's loss after K differentiable steps; the agent continues from its last step."""
+    inner, logs = agent_steps(lambda x: meta_epsilon(meta_params, x), inner, cfg.k_inner, cfg)
+    if arm == "mg":  # the policy-gradient loss of theta_K on the rollout theta_K collected
+        return a2c_losses(inner.params, inner.rollout)[0], (inner, logs)
+    # BMG: the target theta~ is L - 1 steps (without gradient) and a policy-gradient step further.
+    target_eps = lambda x: meta_epsilon(jax.lax.stop_gradient(meta_params), x)  # noqa: E731
     if cfg.bmg_target_eps == "zero":
-        frozen = lambda x: jnp.float32(0.0)  # noqa: E731
-    inner_t, logs_t = agent_steps(frozen, jax.lax.stop_gradient(inner_k), cfg.l_target - 1, cfg)
+        target_eps = lambda x: jnp.float32(0.0)  # noqa: E731
+    inner_t, logs_t = agent_steps(target_eps, jax.lax.stop_gradient(inner), cfg.l_target - 1, cfg)
     target = bmg_target(inner_t.params, inner_t.rollout, cfg.lr)
-    loss = kl_matching(target, inner_k.params, inner_t.rollout.obs)
-    logs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), logs_k, logs_t)
-    return loss, (inner_t, logs)  # the agent continues from theta_{K+L-1}
+    loss = kl_matching(target, inner.params, inner_t.rollout.obs)
+    return loss, (inner_t, jax.tree.map(lambda a, b: jnp.concatenate([a, b]), logs, logs_t))
 
 
 # %% [markdown]
 # ## Train
-# One shared warm-up (fixed eps 0.1 on the first, blue phase), then every arm from the first swap
-# on: the fixed-eps arms vmapped over eps values, MG and BMG one meta-update per cycle. Every arm
-# is vmapped over seeds (sharded over the devices) and runs in `CHUNKS` jitted `lax.scan`s.
+# One shared warm-up (eps 0.1 on the first, blue phase), then every arm from the first swap: the
+# fixed-eps arms vmapped over eps, MG and BMG one meta-update per cycle. Every arm is vmapped over
+# seeds (sharded over the devices) and runs in `CHUNKS` jitted `lax.scan`s, PureJaxRL style.
 # %%
 WARM_EPS = 0.1  # entropy weight of the shared warm-up on the first phase
 CHUNKS = 10  # host round-trips per arm: a progress-bar tick, a log line, a finite check
@@ -509,29 +442,32 @@ class Carry(NamedTuple):
 def init_carry(seed: jax.Array, cfg: Config, optimizer) -> Carry:
     """One seed's agent, meta-learner, grids and a first rollout; the clock then starts at 0."""
     k_env, k_agent, k_meta, key = jax.random.split(jax.random.PRNGKey(seed), 4)
-    params = init_agent(k_agent, cfg.hidden)
+    k_pi, k_v = jax.random.split(k_agent)  # separate actor and critic, as the paper's A2C
+    params = {"actor": init_mlp(k_pi, [OBS_DIM, cfg.hidden, cfg.hidden, N_ACTIONS])}
+    params["actor"][-1]["w"] = params["actor"][-1]["w"] * 0.01  # a near-uniform first policy
+    params["critic"] = init_mlp(k_v, [OBS_DIM, cfg.hidden, cfg.hidden, 1])
     envs = jax.vmap(env_reset)(jax.random.split(k_env, cfg.num_envs))
     ro, env_state = collect_rollout(params, envs, jax.random.fold_in(key, 2**30), cfg)
     env_state, r = env_state._replace(t=jnp.zeros_like(env_state.t)), jnp.mean(ro.rewards)
     stats, running = jnp.full(STATS_LEN, r), jnp.stack([r, r * r])
-    meta_params = init_meta(k_meta)
+    meta_params = init_mlp(k_meta, [STATS_LEN, META_HIDDEN, 1])
+    meta_params[-1]["w"] = meta_params[-1]["w"] * 0.1  # eps = sigmoid(.) starts near 0.5
     inner = Inner(params, ro, env_state, stats, running, jnp.int32(0), key)
     return Carry(inner, meta_params, optimizer.init(meta_params))
 
 
 def train_arm(arm: str, cfg: Config, carry: Carry, epsilons, n_rollouts: int, warm_up=False):
     """Train one arm for every (seed, eps) pair at once (eps only matters for "fixed") from carry
-    (leading seed axis, sharded over the devices). Returns per-rollout logs "eps" and "reward",
-    numpy arrays (seeds, len(epsilons), rollouts), and the final carry."""
+    (leading seed axis). Returns per-rollout logs "eps" and "reward", numpy arrays (seeds,
+    len(epsilons), rollouts), and the final carry."""
     optimizer = optax.adam(cfg.meta_lr, eps=META_ADAM_EPS)
 
     def cycle(carry: Carry, fixed_eps: jax.Array):  # one meta-update, or one fixed-eps update
         if arm == "fixed":
             inner, logs = agent_steps(lambda x: fixed_eps, carry.inner, 1, cfg)
             return carry._replace(inner=inner), logs
-        loss_fn = {"mg": mg_meta_loss, "bmg": bmg_meta_loss}[arm]
-        meta_loss = lambda m: loss_fn(m, carry.inner, cfg)  # noqa: E731
-        grads, (inner, logs) = jax.grad(meta_loss, has_aux=True)(carry.meta_params)
+        loss_fn = lambda m: meta_loss(m, carry.inner, cfg, arm)  # noqa: E731
+        grads, (inner, logs) = jax.grad(loss_fn, has_aux=True)(carry.meta_params)
         updates, opt_state = optimizer.update(grads, carry.meta_opt_state, carry.meta_params)
         return Carry(inner, optax.apply_updates(carry.meta_params, updates), opt_state), logs
 
@@ -557,8 +493,7 @@ def train_arm(arm: str, cfg: Config, carry: Carry, epsilons, n_rollouts: int, wa
             logs[name].append(np.asarray(x)[: cfg.num_seeds].reshape(shape + (-1,)))
         step = min((chunk + 1) * per_chunk * n_steps, n_rollouts) * cfg.rollout_len
         if not np.isfinite(loss := np.asarray(loss)).all():  # a diverged agent stops the run
-            bad = loss[~np.isfinite(loss)][0]
-            why = f"loss is {bad}; try a smaller --lr"
+            why = f"loss is {loss[~np.isfinite(loss)][0]}; try a smaller --lr"
             raise FloatingPointError(f"training diverged at step {step} of arm {arm}: {why}")
         mean_reward = logs["reward"][-1].mean() / cfg.rollout_len
         tqdm.write(f"arm={arm} step={step} reward_per_step={mean_reward:.4f} eps={eps.mean():.4f}")
@@ -574,8 +509,8 @@ def init_all(cfg: Config) -> Carry:
 
 
 def train_all(cfg: Config, carry: Carry) -> tuple[dict, float]:
-    """The shared warm-up on the first phase, then every arm from the first swap on. Returns
-    the logs and the throughput in environment steps per second (compilation included)."""
+    """The shared warm-up, then every arm from the first swap on. Returns the logs and the
+    throughput in environment steps per second (compilation included)."""
     start = time.perf_counter()
     warm = cfg.swap_every // cfg.rollout_len  # the first phase (blue) ends at the swap
     carry = train_arm("fixed", cfg, carry, jnp.array([WARM_EPS]), warm, warm_up=True)[1]
@@ -592,15 +527,14 @@ def train_all(cfg: Config, carry: Carry) -> tuple[dict, float]:
 
 
 # %% [markdown]
-# ## Evaluate
-# Cumulative reward from the first swap per seed, paired differences (mean, standard error, wins),
-# reward per step in red- and blue-paying phases, the first tenth of each phase (recovery), and the
-# meta-learners' eps in the tenth of a phase just before and just after each swap.
+# ## Evaluate and plot
+# Cumulative reward from the first swap, paired over seeds; reward per step in red- and
+# blue-paying phases; eps in the tenth of a phase just before and after each swap. The figure's
+# right panel shows MG's and BMG's eps over time: does the meta-learner react to a swap?
 # %%
 def window_mean(x: np.ndarray, cfg: Config, part: float, colour: str = "") -> np.ndarray:
-    """Per seed, the mean of x (seeds, rollouts of the measured run, which starts at the first
-    swap) over the first `part` of each phase (the last part if part < 0), of one colour if
-    given (the measured run's phases pay red, blue, red, ...)."""
+    """Per seed, the mean of x (seeds, rollouts from the first swap) over the first `part` of each
+    phase (the last part if part < 0), of one colour if given (phases pay red, blue, red, ...)."""
     period = cfg.swap_every // cfg.rollout_len
     size = max(int(period * abs(part)), 1)
     parts = []
@@ -615,8 +549,7 @@ def evaluate(logs: dict, cfg: Config) -> tuple[dict, dict]:
     """The metrics, and the per-seed reward curves of the three arms reported."""
     fixed = logs["fixed"]["reward"]  # (seeds, fixed eps, rollouts)
     best = int(np.argmax(fixed.sum(-1).mean(0)))  # the best fixed eps in hindsight
-    rewards = {"best_fixed": fixed[:, best], "mg": logs["mg"]["reward"]}
-    rewards["bmg"] = logs["bmg"]["reward"]
+    rewards = {"best_fixed": fixed[:, best]} | {arm: logs[arm]["reward"] for arm in ("mg", "bmg")}
     cumulative = {arm: r.sum(-1) for arm, r in rewards.items()}  # per seed, from the first swap
     m: dict = {"task": "bmg", "seed": cfg.seed, "num_seeds": cfg.num_seeds}
     for arm, values in cumulative.items():  # mean and sample std over seeds
@@ -632,13 +565,10 @@ def evaluate(logs: dict, cfg: Config) -> tuple[dict, dict]:
         m[f"{arm}_post_swap_reward"] = float(window_mean(r, cfg, 0.1).mean() / cfg.rollout_len)
     period = cfg.swap_every // cfg.rollout_len
     for arm in ("mg", "bmg"):  # eps just before and right after the swaps inside the run
-        eps = logs[arm]["eps"]
-        before = window_mean(eps[:, :-period], cfg, -0.1)
-        after = window_mean(eps[:, period:], cfg, 0.1)
-        m |= {
-            f"{arm}_eps_before_swap": float(before.mean()),
-            f"{arm}_eps_after_swap": float(after.mean()),
-        }
+        before = window_mean(logs[arm]["eps"][:, :-period], cfg, -0.1)
+        after = window_mean(logs[arm]["eps"][:, period:], cfg, 0.1)
+        m[f"{arm}_eps_before_swap"] = float(before.mean())
+        m[f"{arm}_eps_after_swap"] = float(after.mean())
         m[f"{arm}_eps_rises_at_swap_seeds"] = int((after > before).sum())
     for other in ("mg", "best_fixed"):  # paired over seeds: mean, standard error, BMG's wins
         diff = cumulative["bmg"] - cumulative[other]
@@ -654,30 +584,22 @@ def evaluate(logs: dict, cfg: Config) -> tuple[dict, dict]:
     return m, rewards
 
 
-# %% [markdown]
-# ## Figure
-# Left: cumulative reward from the first swap, mean ± std over seeds. Right: MG's and BMG's eps
-# over time with the swaps marked: does the meta-learner react to a swap?
-# %%
-STYLE = {"best_fixed": ("fixed eps (best)", "tab:gray"), "mg": ("MG", "tab:blue"),
-         "bmg": ("BMG", "tab:red")}  # fmt: skip
-
-
 def plot_results(rewards: dict, eps: dict, best_eps: float, cfg: Config, out: pathlib.Path):
-    """Left: cumulative reward from the first swap, mean ± std over seeds. Right: the learned
-    eps over time, swaps marked: does the meta-learner react to a swap?"""
+    """Left: cumulative reward, mean ± std over seeds. Right: the learned eps, swaps marked."""
     fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(11, 4.6))
+    style = {"best_fixed": ("fixed eps (best)", "tab:gray"), "mg": ("MG", "tab:blue"),
+             "bmg": ("BMG", "tab:red")}  # fmt: skip
     to_steps = lambda i: (cfg.swap_every + i * cfg.rollout_len) / 1e3  # noqa: E731
     for arm, reward in rewards.items():
         cum = np.cumsum(reward, -1)
         mean, std = cum.mean(0), cum.std(0, ddof=min(1, len(cum) - 1))
-        steps, (label, color) = to_steps(np.arange(1, len(mean) + 1)), STYLE[arm]
+        steps, (label, color) = to_steps(np.arange(1, len(mean) + 1)), style[arm]
         ax_r.plot(steps, mean, color=color, label=f"{label}: {mean[-1]:.0f} ± {std[-1]:.0f}")
         ax_r.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
     size = max(cfg.swap_every // cfg.rollout_len // 25, 1)
     for arm, e in eps.items():
         curve = e[:, : e.shape[-1] // size * size].reshape(len(e), -1, size).mean(-1)
-        steps, (label, color) = to_steps((np.arange(curve.shape[-1]) + 0.5) * size), STYLE[arm]
+        steps, (label, color) = to_steps((np.arange(curve.shape[-1]) + 0.5) * size), style[arm]
         ax_e.plot(steps, curve.mean(0), color=color, label=f"{label} (band: 25-75%)")
         ax_e.fill_between(steps, *np.percentile(curve, [25, 75], 0), color=color, alpha=0.2)
     ax_e.axhline(best_eps, color="tab:gray", ls="--", label=f"best fixed eps = {best_eps:g}")
@@ -697,8 +619,7 @@ def plot_results(rewards: dict, eps: dict, best_eps: float, cfg: Config, out: pa
 
 # %% [markdown]
 # ## Main
-# Validate every option first, then the warm-up and arms, the evaluation, the figure, and
-# `metrics.json` (with each bar beside its metric) last and atomically.
+# Validate every option first; `metrics.json` (each bar beside its metric) comes last, atomically.
 # %%
 def validate(cfg: Config) -> None:
     """Every option in range, before any compilation: one line naming the option."""
@@ -727,11 +648,10 @@ def main(cfg: Config) -> dict:
     logs, throughput = train_all(cfg, carry)
     timer.lap("train")
     metrics, rewards = evaluate(logs, cfg)
-    metrics |= {"preset": getattr(cfg, "preset", "cpu"), **device_info()}
+    metrics |= {"preset": cfg.preset, **device_info()}
     metrics |= {"throughput": throughput, "throughput_unit": "env-steps/s"}  # compiling too
-    print(
-        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-    )
+    summary = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+    print(" ".join(summary))
     timer.lap("evaluate")
     with staged_run(cfg.out_dir) as out:
         eps = {arm: logs[arm]["eps"] for arm in ("mg", "bmg")}

@@ -28,23 +28,14 @@ one that training shows. Two held-out splits are scored on the same models (trai
   every sum s + q. The CoT arm can compose the steps; the direct arm must extrapolate a triangle
   it has seen only up to 0..50.
 
-Metrics, per family and split and arm, means over seeds: validity (the answer parses and satisfies
-the request) and the TV distance between each request's empirical answers and its exact target
-(unparseable answers count as mass off the target). TV from a finite sample is biased up, so
-`..._tv_floor` is what exact samples score; the systematic split reports TV minus that floor, from
-512 answers per request, for each seed, beside the bars of issue 13.
-
     python tasks/cot.py
     python tasks/cot.py --help
 
-At the defaults (3 seeds per arm, 1500 steps, 59k parameters; 335 CPU-seconds, about 190 s on 2
-idle cores), systematic held-out TV in excess of the floor: CoT 0.013 (every seed <= 0.015),
-direct 0.156 (0.106..0.184); CoT's validity 0.992. Random split, held-out TV: CoT 0.161, direct
-0.236 (floor 0.147).
-
-It writes distributions.png (the systematic split), config.json and metrics.json. Results, what
-the runs found and the layouts tried (those with family-specific steps did not compose):
-docs/cot.md.
+At the defaults (3 seeds per arm, 1500 steps, 59k parameters; about 190 s on 2 idle cores),
+systematic held-out TV in excess of the sampling floor: CoT 0.013 (every seed <= 0.015), direct
+0.156 (0.106..0.184); CoT's validity 0.992. Random split, held-out TV: CoT 0.161, direct 0.236
+(floor 0.147). It writes distributions.png, config.json and metrics.json; results, what the runs
+found and the layouts tried (those with family-specific steps did not compose): docs/cot.md.
 
 Reference: Nye et al. 2021, "Show Your Work: Scratchpads for Intermediate Computation with Language
 Models"; Feng et al. 2023, "Towards Revealing the Mystery behind Chain of Thought". Differences: a
@@ -69,7 +60,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -110,9 +100,7 @@ def check_out_dir(out_dir: str) -> None:
         raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
     is_run = (path / "config.json").exists() or (path / "metrics.json").exists()
     if path.is_dir() and any(path.iterdir()) and not is_run:
-        raise option_error(
-            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
-        )
+        raise option_error("out_dir", out_dir, "holds other files; give an empty or a run's folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryDirectory(dir=path.parent).cleanup()
@@ -209,10 +197,8 @@ def run_cli() -> dict:
 def device_info() -> dict:
     """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
     devices = jax.devices()
-    return {
-        "device": f"{jax.default_backend()}:{devices[0].device_kind}",
-        "num_devices": len(devices),
-    }
+    kind = f"{jax.default_backend()}:{devices[0].device_kind}"
+    return {"device": kind, "num_devices": len(devices)}
 
 
 def shard_seeds(tree):
@@ -236,32 +222,20 @@ def shard_seeds(tree):
 
 
 # %%
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Config:
-    steps: int = 1500
-    """training steps for each arm (both arms train for exactly this many)"""
-    batch_size: int = 128
-    """requests per training batch, drawn from the seen requests of all families"""
-    d_model: int = 48
-    """transformer width"""
-    n_layers: int = 2
-    """transformer blocks"""
-    n_heads: int = 4
-    """attention heads per block"""
-    learning_rate: float = 3e-3
-    """peak AdamW learning rate (linear warm-up, cosine decay)"""
-    num_seeds: int = 3
-    """independent models per arm, trained together with jax.vmap (split over the devices)"""
-    eval_requests: int = 6
-    """random split: requests per family and split in the final evaluation"""
-    eval_samples: int = 128
-    """random split: answers sampled per request"""
-    heldout_samples: int = 512
-    """systematic split: answers sampled per held-out request (all 25 of them)"""
-    seed: int = 0
-    """seed for initial weights, batches and sampling (the request splits are fixed)"""
-    out_dir: str = "runs/cot"
-    """where distributions.png, config.json and metrics.json are written"""
+    steps: int = 1500  # training steps for each arm (both arms train for exactly this many)
+    batch_size: int = 128  # requests per training batch, from the seen requests of all families
+    d_model: int = 48  # transformer width
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 4  # attention heads per block
+    learning_rate: float = 3e-3  # peak AdamW learning rate (linear warm-up, cosine decay)
+    num_seeds: int = 3  # models per arm, trained together with jax.vmap (split over the devices)
+    eval_requests: int = 6  # random split: requests per family and split in the final evaluation
+    eval_samples: int = 128  # random split: answers sampled per request
+    heldout_samples: int = 512  # systematic split: answers per held-out request (all 25 of them)
+    seed: int = 0  # seed for initial weights, batches and sampling (the request splits are fixed)
+    out_dir: str = "runs/cot"  # where distributions.png, config.json and metrics.json are written
 
 
 PRESETS: dict[str, Config] = {"cpu": Config()}
@@ -285,9 +259,9 @@ BARS = {
 # Tokens 0..10 are digits (10 only ever as the tens digit of 100), then two markers.
 ANS, EOS, VOCAB = 11, 12, 13
 FAMILIES, ARMS = ("uniform", "range", "dice"), ("cot", "direct")
-REQUEST_LEN, SEQ_LEN, DIRECT_LEN = 6, 18, 10  # the request's tokens: a1 a0 P1 P0 Q1 Q0
-# Where the request's tokens stand; the model writes every other token.
-GIVEN = {True: np.isin(np.arange(SEQ_LEN), [0, 1, 2, 3, 9, 10]), False: np.arange(DIRECT_LEN) < 6}
+REQUEST_LEN, SEQ_LEN = 6, 18  # the request's tokens: a1 a0 P1 P0 Q1 Q0
+# Where the request's tokens stand (CoT, direct); the model writes every other token.
+GIVEN = {True: np.isin(np.arange(SEQ_LEN), [0, 1, 2, 3, 9, 10]), False: np.arange(10) < 6}
 SPLIT_SEED = 2024  # the held-out requests are the same for every run
 
 
@@ -312,7 +286,7 @@ def split_requests() -> dict[tuple[str, str], np.ndarray]:
 
 
 def build_sequences(requests: np.ndarray, p: np.ndarray, q: np.ndarray, cot: bool) -> np.ndarray:
-    """Token sequences (N, SEQ_LEN or DIRECT_LEN) for draws p ~ U[0, P] and q ~ U[0, Q]."""
+    """Token sequences (N, SEQ_LEN or 10) for draws p ~ U[0, P] and q ~ U[0, Q]."""
     _, a, bound_p, bound_q = np.asarray(requests).T
     digits = lambda x: [x // 10, x % 10]  # a number is two tokens, tens first
     s, answer = a + p, [np.full_like(a, ANS), *digits(a + p + q), np.full_like(a, EOS)]
@@ -321,14 +295,6 @@ def build_sequences(requests: np.ndarray, p: np.ndarray, q: np.ndarray, cot: boo
         cols = [*digits(a), *digits(bound_p), *digits(p), a % 10 + p % 10 >= 10, *digits(s)]
         cols += [*digits(bound_q), *digits(q), s % 10 + q % 10 >= 10, *answer]
     return np.stack(cols, axis=1).astype(np.int32)
-
-
-def sample_sequences(requests: np.ndarray, rng: np.random.Generator, cot: bool) -> np.ndarray:
-    """Draw the scratchpad's random numbers exactly, then write the sequences.  (N, T)"""
-    _, _, bound_p, bound_q = np.asarray(requests).T
-    return build_sequences(
-        requests, rng.integers(0, bound_p + 1), rng.integers(0, bound_q + 1), cot
-    )
 
 
 def parse_answers(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -355,6 +321,10 @@ def target_distribution(request: np.ndarray) -> np.ndarray:
     return np.concatenate([np.zeros(a), p, np.zeros(101 - a - len(p))]) / p.sum()
 
 
+def entropy(p: np.ndarray) -> float:
+    return float(-(p[p > 0] * np.log(p[p > 0])).sum())
+
+
 # %% [markdown]
 # ## Model: a small causal transformer with a key-value cache
 # Pre-LN blocks, $x \leftarrow x + \mathrm{Attn}(\mathrm{LN}(x))$ then
@@ -365,8 +335,8 @@ def target_distribution(request: np.ndarray) -> np.ndarray:
 
 # %%
 class Block(nnx.Module):
-    """Pre-LN block, x + Attn(LN(x)) then x + MLP(LN(x)), with causal attention written out so
-    that sampling can cache keys and values: a new token attends to the cache, nothing is redone."""
+    """Pre-LN block with causal attention written out, so that sampling can cache keys and values:
+    a new token attends to the cache, nothing is redone."""
 
     def __init__(self, d_model: int, n_heads: int, *, rngs: nnx.Rngs):
         self.ln1, self.ln2 = nnx.LayerNorm(d_model, rngs=rngs), nnx.LayerNorm(d_model, rngs=rngs)
@@ -401,8 +371,8 @@ class Transformer(nnx.Module):
         self.head = nnx.Linear(d_model, VOCAB, rngs=rngs)
 
     def __call__(self, tokens, caches=None, start=0):  # (B, T) -> (B, T, VOCAB), caches
-        """Without caches: the whole sequence at once. With the caches of earlier calls (one per
-        block): tokens are positions start.. of a longer sequence."""
+        """Without caches, the whole sequence; with the caches of earlier calls (one per block),
+        tokens are positions start.. of a longer sequence."""
         caches = [None] * len(self.blocks) if caches is None else caches
         x = self.tok(tokens) + self.pos(start + jnp.arange(tokens.shape[1]))
         new = []
@@ -427,6 +397,8 @@ def make_model_fns(cfg: Config):
 # $\mathcal{L} = -\frac{1}{|W|}\sum_{t \in W} \log p_\theta(x_t \mid x_{<t})$. Its floor is the
 # entropy of the random draws per written token. Both arms start from the same weights and see
 # the same requests and draws; the seeds train at once, `vmap` over a seed axis split over devices.
+# AdamW's step size warms up, then decays as a cosine; the steps run in five jitted `lax.scan`
+# chunks, a log line after each.
 
 
 # %%
@@ -438,11 +410,25 @@ def seen_table() -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_batches(seen: tuple, shape: tuple, rng: np.random.Generator, cot: bool) -> np.ndarray:
-    """(*shape, T): a uniform family, a uniform seen request of it, one sampled sequence."""
+    """(*shape, T): a uniform family, a uniform seen request of it, its draws p and q exactly."""
     table, counts = seen
     fam = rng.integers(0, len(FAMILIES), shape).reshape(-1)
-    seqs = sample_sequences(table[fam, rng.integers(0, counts[fam])], rng, cot)
-    return seqs.reshape(*shape, -1)
+    reqs = table[fam, rng.integers(0, counts[fam])]
+    p, q = rng.integers(0, reqs[:, 2] + 1), rng.integers(0, reqs[:, 3] + 1)
+    return build_sequences(reqs, p, q, cot).reshape(*shape, -1)
+
+
+def loss_floor(cot: bool) -> float:
+    """The lowest training loss: the entropy of the random tokens (the CoT arm's draws p and q,
+    the direct arm's answer) per token written, for the mix of families and seen requests."""
+    table, counts = seen_table()
+    ent = [
+        np.mean([entropy(target_distribution(r)) for r in table[f, : counts[f]]])
+        if not cot
+        else np.mean(np.log(table[f, : counts[f], 2:] + 1.0).sum(1))
+        for f in range(len(FAMILIES))
+    ]
+    return float(np.mean(ent) / (~GIVEN[cot]).sum())
 
 
 def make_train_chunk(apply, tx, cot: bool):
@@ -466,30 +452,6 @@ def make_train_chunk(apply, tx, cot: bool):
     return jax.jit(jax.vmap(run))  # over seeds
 
 
-def entropy(p: np.ndarray) -> float:
-    return float(-(p[p > 0] * np.log(p[p > 0])).sum())
-
-
-def loss_floor(cot: bool) -> float:
-    """The lowest training loss: the entropy of the random tokens (the CoT arm's draws p and q,
-    the direct arm's answer) per token written, for the mix of families and seen requests."""
-    table, counts = seen_table()
-    ent = [
-        np.mean([entropy(target_distribution(r)) for r in table[f, : counts[f]]])
-        if not cot
-        else np.mean(np.log(table[f, : counts[f], 2:] + 1.0).sum(1))
-        for f in range(len(FAMILIES))
-    ]
-    return float(np.mean(ent) / (~GIVEN[cot]).sum())
-
-
-# %% [markdown]
-# ## Train
-# Warm-up then cosine decay of the AdamW step size; the steps run in five jitted `lax.scan`
-# chunks, a log line after each.
-
-
-# %%
 def train(cfg: Config, cot: bool, init, apply, pbar) -> tuple:
     """Train num_seeds models of one arm together; returns their params, loss, training time."""
     warmup = max(1, min(200, cfg.steps // 10))
@@ -497,13 +459,9 @@ def train(cfg: Config, cot: bool, init, apply, pbar) -> tuple:
     tx = optax.adamw(schedule, weight_decay=0.01)
     # Both arms start from the same weights and see the same requests and draws (same seeds).
     params = jax.vmap(init)(jax.random.split(jax.random.key(cfg.seed), cfg.num_seeds))
-    # The seed axis is split over every local device (padded to a multiple of the device count).
     params, opt_state = shard_seeds((params, jax.vmap(tx.init)(params)))
-    rng, seen, run_chunk = (
-        np.random.default_rng(cfg.seed),
-        seen_table(),
-        make_train_chunk(apply, tx, cot),
-    )
+    rng, run_chunk = np.random.default_rng(cfg.seed), make_train_chunk(apply, tx, cot)
+    seen = seen_table()
     done, train_time = 0, 0.0
     for chunk in np.array_split(np.arange(cfg.steps), min(5, cfg.steps)):  # 5 log lines
         tic = time.perf_counter()
@@ -524,8 +482,9 @@ def train(cfg: Config, cot: bool, init, apply, pbar) -> tuple:
 # ## Evaluate: sample answers, compare with the exact targets
 # Each request gets many sampled answers (the scratchpad too is sampled, at temperature 1). Per
 # request, $\mathrm{TV}(\hat p, p) = \frac{1}{2}\sum_x |\hat p(x) - p(x)|$, with unparseable answers
-# as mass off the target. From $n$ samples TV is biased up, so exact samples of the same size give
-# its floor, and the systematic split reports the excess over that floor.
+# as mass off the target; validity is the share of answers that parse and satisfy the request.
+# From $n$ samples TV is biased up, so exact samples of the same size give its floor
+# (`..._tv_floor`), and the systematic split reports the excess over that floor, for each seed.
 
 
 # %%
@@ -559,8 +518,7 @@ GEN_BATCH = 1024  # sequences per generate call: one compiled shape serves every
 
 
 def evaluate(generate, params, sets: dict, samples: int, key, cfg: Config, cot: bool) -> dict:
-    """`samples` answers per request from every seed's model: per set, the answers
-    (seeds, requests, samples) and the mean number of tokens the model wrote per answer."""
+    """`samples` answers per request from every seed's model: per set (seeds, requests, samples)."""
     flat = np.repeat(np.concatenate(list(sets.values())), samples, 0)
     flat = np.resize(flat, (-(-len(flat) // GEN_BATCH) * GEN_BATCH, 4))  # whole blocks
     requests = build_sequences(flat, 0 * flat[:, 0], 0 * flat[:, 0], cot)
@@ -572,47 +530,32 @@ def evaluate(generate, params, sets: dict, samples: int, key, cfg: Config, cot: 
     tokens, out, start = np.concatenate(tokens, axis=1), {}, 0  # (seeds, N, T)
     for name, reqs in sets.items():
         stop = start + len(reqs) * samples
-        answers, written = zip(*(parse_answers(tok[start:stop]) for tok in tokens))
-        out[name] = (np.reshape(answers, (cfg.num_seeds, len(reqs), samples)), np.mean(written))
+        answers = [parse_answers(tok[start:stop])[0] for tok in tokens]
+        out[name] = np.reshape(answers, (cfg.num_seeds, len(reqs), samples))
         start = stop
     return out
 
 
 def answer_stats(requests: np.ndarray, answers: np.ndarray) -> np.ndarray:
-    """(validity, mean TV to the target, mean plug-in entropy); answers (R, S), -1 = unparseable."""
-    tvs, ents = [], []
+    """(validity, mean TV to the target); answers (R, S), -1 = unparseable."""
+    tvs = []
     for req, ans in zip(requests, answers):
         p_hat = np.bincount(ans + 1, minlength=102) / len(ans)  # bin 0: unparseable answers
         tvs.append(0.5 * np.abs(p_hat - np.append(0.0, target_distribution(req))).sum())
-        ents.append(entropy(p_hat))
     valid = is_valid(np.repeat(requests, answers.shape[1], 0), answers.reshape(-1)).mean()
-    return np.array([valid, np.mean(tvs), np.mean(ents)])
+    return np.array([valid, np.mean(tvs)])
 
 
-def reference_stats(requests: np.ndarray, samples: int, rng, reps: int = 4) -> np.ndarray:
-    """answer_stats of exact samples from the targets, same sample size, mean of `reps` draws:
-    the floor of the TV estimator and the entropy a perfect model would score."""
-    draws = lambda: np.stack([rng.choice(101, samples, p=target_distribution(r)) for r in requests])
-    return np.mean([answer_stats(requests, draws()) for _ in range(reps)], axis=0)
-
-
-def eval_sets(num_requests: int) -> dict:
-    """Fixed evaluation requests per (family, split) of the random split."""
-    rng, sets = np.random.default_rng(SPLIT_SEED + 1), {}
-    for (fam, split), reqs in split_requests().items():
-        if split != "systematic":
-            pick = rng.choice(len(reqs), min(num_requests, len(reqs)), replace=False)
-            sets[(fam, split)] = reqs[np.sort(pick)]
-    return sets
-
-
-def split_metrics(sets: dict, results: dict, samples: int, rng) -> dict:
-    """Per set and arm: validity, TV and entropy per seed, and the exact-sample reference."""
+def split_metrics(sets: dict, results: dict, rng, reps: int = 4) -> dict:
+    """Per set and arm: validity and TV per seed (seeds, 2); per set, "ref": the same of exact
+    samples from the targets, same sample size, mean of `reps` draws (the TV floor)."""
     out = {}
     for name, reqs in sets.items():
         for arm in ARMS:
-            out[name, arm] = np.array([answer_stats(reqs, a) for a in results[arm][name][0]])
-        out[name, "ref"] = reference_stats(reqs, samples, rng)
+            out[name, arm] = np.array([answer_stats(reqs, a) for a in results[arm][name]])
+        samples, exact = results[ARMS[0]][name].shape[-1], [target_distribution(r) for r in reqs]
+        draws = [[rng.choice(101, samples, p=p) for p in exact] for _ in range(reps)]
+        out[name, "ref"] = np.mean([answer_stats(reqs, np.stack(d)) for d in draws], axis=0)
     return out
 
 
@@ -621,6 +564,9 @@ def split_metrics(sets: dict, results: dict, samples: int, rng) -> dict:
 
 
 # %%
+COLORS = ("tab:blue", "tab:orange")  # CoT, direct
+
+
 def plot_distributions(system: dict, results: dict, stats: dict, path: pathlib.Path) -> None:
     """The headline. Left: the widest systematic request (dice 0..50), all seeds pooled.
     Right: each seed's systematic TV in excess of the floor, CoT beside direct."""
@@ -628,17 +574,16 @@ def plot_distributions(system: dict, results: dict, stats: dict, path: pathlib.P
     with plt.rc_context({"font.size": 13}):
         fig, (ax, bar_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
         req = system[name][-1]
-        ax.step(np.arange(101), target_distribution(req), where="mid", color="k", lw=2.5)
-        for arm, color in zip(("target", *ARMS), ("k", "tab:blue", "tab:orange")):
-            if arm != "target":
-                answers = results[arm][name][0][:, -1].reshape(-1)
-                freq = np.bincount(answers + 1, minlength=102)[1:] / len(answers)
-                ax.step(np.arange(101), freq, where="mid", color=color, alpha=0.85)
-            ax.plot([], [], color=color, lw=2.5, label=arm)
+        ax.step(np.arange(101), target_distribution(req), "k", where="mid", lw=2.5, label="target")
+        for arm, color in zip(ARMS, COLORS):
+            answers = results[arm][name][:, -1].reshape(-1)  # all seeds pooled
+            freq = np.bincount(answers + 1, minlength=102)[1:] / len(answers)
+            ax.step(np.arange(101), freq, where="mid", color=color, alpha=0.85, label=arm)
         ax.set(xlabel="answer", ylabel="probability", title=f"Held out: two dice 0..{req[2]}")
-        ax.legend()
+        for line in ax.legend().get_lines():
+            line.set(linewidth=2.5, alpha=1.0)  # legible at README width
         floor, seeds = stats[name, "ref"][1], np.arange(len(stats[name, "cot"]))
-        for i, (arm, color) in enumerate(zip(ARMS, ("tab:blue", "tab:orange"))):
+        for i, (arm, color) in enumerate(zip(ARMS, COLORS)):
             excess = stats[name, arm][:, 1] - floor
             bar_ax.bar(seeds + (i - 0.5) * 0.4, excess, 0.4, color=color, label=arm)
         bar_ax.set(xlabel="seed", ylabel="TV excess over the floor", xticks=seeds)
@@ -656,9 +601,8 @@ def plot_distributions(system: dict, results: dict, stats: dict, path: pathlib.P
 # %%
 def validate(cfg: Config) -> None:
     """Every option finite and in range, and the cross-field constraints, before any work."""
-    for name in ("steps", "batch_size", "d_model", "n_layers", "n_heads", "num_seeds"):
-        check_number(cfg, name, 1)
-    for name in ("eval_requests", "eval_samples", "heldout_samples"):
+    sizes = ("steps", "batch_size", "d_model", "n_layers", "n_heads", "num_seeds", "eval_requests")
+    for name in (*sizes, "eval_samples", "heldout_samples"):
         check_number(cfg, name, 1)
     check_number(cfg, "learning_rate", 0, 1, low_open=True)
     check_number(cfg, "seed", 0, 2**32, high_open=True)
@@ -667,27 +611,32 @@ def validate(cfg: Config) -> None:
     check_out_dir(cfg.out_dir)
 
 
+def eval_sets(num_requests: int) -> dict:
+    """Fixed evaluation requests per (family, split) of the random split."""
+    rng, sets = np.random.default_rng(SPLIT_SEED + 1), {}
+    for (fam, split), reqs in split_requests().items():
+        if split != "systematic":
+            pick = rng.choice(len(reqs), min(num_requests, len(reqs)), replace=False)
+            sets[(fam, split)] = reqs[np.sort(pick)]
+    return sets
+
+
 def summarize(stats: dict, sets: dict) -> dict:
-    """metrics.json's results: the random split per family, its held-out means, the systematic
-    split per seed (TV in excess of the floor, validity) with the bars beside."""
+    """metrics.json's results: the random split (`sets`) per family and its held-out means, the
+    systematic split per seed (TV in excess of the floor, validity) with the bars beside."""
     m, held = {}, {}
-    for (fam, split), reqs in sets.items():
-        if split == "systematic":
-            continue
-        ref = stats[(fam, split), "ref"]
+    for fam, split in sets:
         for arm in ARMS:
-            per_seed = stats[(fam, split), arm]  # (seeds, 3): validity, tv, entropy
-            for col, what in enumerate(("validity", "tv", "entropy")):
-                m[f"{fam}_{split}_{arm}_{what}"] = per_seed[:, col].mean()
+            per_seed = stats[(fam, split), arm]  # (seeds, 2): validity, tv
+            m[f"{fam}_{split}_{arm}_validity"] = per_seed[:, 0].mean()
+            m[f"{fam}_{split}_{arm}_tv"] = per_seed[:, 1].mean()
             m[f"{fam}_{split}_{arm}_tv_std"] = per_seed[:, 1].std()
             if split == "heldout":
                 held.setdefault(arm, []).append(per_seed)
-        m[f"{fam}_{split}_tv_floor"], m[f"{fam}_{split}_entropy_ref"] = ref[1], ref[2]
-        # the exact target's entropy (named so that no reference reads as a bar: `_target`)
-        m[f"{fam}_{split}_exact_entropy"] = np.mean([entropy(target_distribution(r)) for r in reqs])
+        m[f"{fam}_{split}_tv_floor"] = stats[(fam, split), "ref"][1]
     for arm, per_family in held.items():
         per_seed = np.mean(per_family, axis=0)  # mean over families, per seed
-        for col, what in ((0, "validity"), (1, "tv")):
+        for col, what in enumerate(("validity", "tv")):
             m[f"heldout_{what}_{arm}"] = per_seed[:, col].mean()
             m[f"heldout_{what}_{arm}_std"] = per_seed[:, col].std()
     m["heldout_tv_floor"] = np.mean([m[f"{f}_heldout_tv_floor"] for f in FAMILIES])
@@ -704,29 +653,7 @@ def summarize(stats: dict, sets: dict) -> dict:
     # (1e-6 stands in for a direct excess <= 0, which would make the ratio infinite or negative).
     ratio = excess["cot"] / np.maximum(excess["direct"], 1e-6)
     m["systematic_heldout_tv_excess_ratio_max"] = ratio.max()
-    m["systematic_heldout_requests"] = len(sets[name])
     return {k: float(v) for k, v in m.items()}
-
-
-def train_and_sample(cfg: Config, sets: dict, system: dict, timer) -> tuple:
-    """Train each arm's seeds, then sample answers to the random and the systematic split."""
-    init, apply = make_model_fns(cfg)
-    results, losses, written, train_time = {}, {}, {}, 0.0
-    pbar = tqdm(total=2 * min(5, cfg.steps), desc="chunks", disable=None)
-    for cot, arm in zip((True, False), ARMS):
-        params, losses[arm], secs = train(cfg, cot, init, apply, pbar)
-        timer.lap("train")
-        generate = make_generate(apply, cot, cfg)
-        key = jax.random.fold_in(jax.random.key(cfg.seed), 7)
-        results[arm] = evaluate(generate, params, sets, cfg.eval_samples, key, cfg, cot)
-        written[arm] = float(np.mean([w for _, w in results[arm].values()]))
-        key = jax.random.fold_in(key, 1)
-        results[arm] |= evaluate(generate, params, system, cfg.heldout_samples, key, cfg, cot)
-        train_time += secs
-        timer.lap("evaluate")
-    pbar.close()
-    num_params = int(sum(x.size for x in jax.tree.leaves(init(jax.random.key(0)))))
-    return results, losses, written, train_time, num_params
 
 
 def main(cfg: Config) -> dict:
@@ -734,12 +661,25 @@ def main(cfg: Config) -> dict:
     validate(cfg)
     sets = eval_sets(cfg.eval_requests)
     system = {("dice", "systematic"): split_requests()[("dice", "systematic")]}
+    init, apply = make_model_fns(cfg)
+    num_params = int(sum(x.size for x in jax.tree.leaves(init(jax.random.key(0)))))
     timer.lap("setup")
-    results, losses, written, train_time, num_params = train_and_sample(cfg, sets, system, timer)
-    rng = np.random.default_rng(cfg.seed)
-    stats = split_metrics(sets, results, cfg.eval_samples, rng)
-    stats |= split_metrics(system, results, cfg.heldout_samples, rng)
-    metrics: dict = {
+    results, metrics, train_time = {}, {}, 0.0
+    pbar = tqdm(total=2 * min(5, cfg.steps), desc="chunks", disable=None)
+    for cot, arm in zip((True, False), ARMS):
+        params, metrics[f"{arm}_train_loss"], secs = train(cfg, cot, init, apply, pbar)
+        metrics[f"{arm}_train_loss_floor"] = loss_floor(cot)  # last chunk's mean, and its floor
+        train_time += secs
+        timer.lap("train")
+        generate = make_generate(apply, cot, cfg)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), 7)
+        results[arm] = evaluate(generate, params, sets, cfg.eval_samples, key, cfg, cot)
+        key = jax.random.fold_in(key, 1)
+        results[arm] |= evaluate(generate, params, system, cfg.heldout_samples, key, cfg, cot)
+        timer.lap("evaluate")
+    pbar.close()
+    stats = split_metrics(sets | system, results, np.random.default_rng(cfg.seed))
+    metrics |= {
         "task": "cot",
         "seed": cfg.seed,
         "num_seeds": cfg.num_seeds,
@@ -750,14 +690,11 @@ def main(cfg: Config) -> dict:
         # training steps per second, every seed of both arms counted (compilation included)
         "throughput": 2 * cfg.steps * cfg.num_seeds / train_time,
         "throughput_unit": "model-steps/s",
-        **summarize(stats, sets | system),
+        **summarize(stats, sets),
+        "systematic_heldout_requests": len(system[("dice", "systematic")]),
         "systematic_heldout_samples": cfg.heldout_samples,
         **BARS,
     }
-    for arm in ARMS:  # training loss (last chunk's mean) against its floor
-        metrics[f"{arm}_train_loss"] = losses[arm]
-        metrics[f"{arm}_train_loss_floor"] = loss_floor(arm == "cot")
-        metrics[f"{arm}_tokens_per_answer"] = written[arm]
     timer.lap("evaluate")
     with staged_run(cfg.out_dir) as out:
         plot_distributions(system, results, stats, out / "distributions.png")

@@ -3,19 +3,17 @@
 What it teaches: a diffusion model (Ho, Jain, Abbeel 2020, "Denoising Diffusion Probabilistic
 Models"): noise the data over T steps, learn to predict the noise, and sample by running the
 process backwards; DDIM (Song et al. 2021) and Heun's method on DDIM's ODE (Karras et al. 2022)
-sample the same model deterministically in fewer steps. The metric: the exact 2-Wasserstein
-distance between 2000 samples and 2000 fresh moons, over that between two fresh sets of moons.
+sample the same model deterministically in fewer steps. Metric: the exact 2-Wasserstein distance
+between 2000 samples and 2000 fresh moons, over that between two fresh sets of moons.
 
     python tasks/diffusion.py
     python tasks/diffusion.py --help
     python tasks/diffusion.py --preset paper   # Ho et al.'s schedule: T = 1000
 
 Expected at defaults: w2_ratio 1.108, 1.133, 1.036 for seeds 0, 1, 2 (bar: <= 1.2), Heun in 50
-steps (99 NFE) from Sobol noise (ancestral DDPM over all 100 steps: 1.45 to 1.71); alpha_bar_T =
-2.0e-5 (bar: < 1e-3). Runtime and all results: docs/diffusion.md (bar: 90 s). The samplers
-against NFE, the two processes and the loss: studies/diffusion_samplers.py.
-Differences from the paper: T = 100, not 1000, with the betas rescaled; an MLP, not a U-Net; two
-moons, normalised for training. `--preset paper` is the DDPM schedule itself, T = 1000.
+steps (99 NFE) from Sobol noise; alpha_bar_T = 2.0e-5 (bar: < 1e-3). Runtime (bar: 90 s), results
+and the samplers' study (ancestral DDPM, 100 steps: 1.45 to 1.71): docs/diffusion.md. Differences
+from the paper: T = 100, betas rescaled; an MLP, not a U-Net; two moons, normalised for training.
 """
 
 # %% [markdown]
@@ -48,11 +46,8 @@ from scipy.stats import norm, qmc
 from sklearn.datasets import make_moons
 from tqdm.auto import tqdm
 
-Sampler = Literal["heun", "ddim", "ddpm"]
-Noise = Literal["sobol", "iid"]
 SAMPLERS = {"ddpm": 1.0, "ddim": 0.0, "heun": 0.0}  # sampler -> eta (heun is deterministic)
 NOISES = ("sobol", "iid")
-MAX_SAMPLES = 10_000  # the exact W2 assignment costs n^2 memory and about n^3 time
 
 
 def option_error(name: str, value, allowed: str) -> ValueError:
@@ -78,9 +73,7 @@ def check_out_dir(out_dir: str) -> None:
         raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
     is_run = (path / "config.json").exists() or (path / "metrics.json").exists()
     if path.is_dir() and any(path.iterdir()) and not is_run:
-        raise option_error(
-            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
-        )
+        raise option_error("out_dir", out_dir, "holds other files; give an empty or a run's folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryDirectory(dir=path.parent).cleanup()
@@ -177,10 +170,8 @@ def run_cli() -> dict:
 def device_info() -> dict:
     """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
     devices = jax.devices()
-    return {
-        "device": f"{jax.default_backend()}:{devices[0].device_kind}",
-        "num_devices": len(devices),
-    }
+    kind = f"{jax.default_backend()}:{devices[0].device_kind}"
+    return {"device": kind, "num_devices": len(devices)}
 
 
 # %% [markdown]
@@ -199,9 +190,9 @@ class Config:
     depth: int = 3  # Number of hidden layers.
     learning_rate: float = 3e-3  # Peak Adam learning rate; it decays to zero by a cosine schedule.
     num_train: int = 20_000  # Size of the fixed training set (evaluation uses fresh moons).
-    sampler: Sampler = "heun"  # heun (DDIM's ODE, 2nd order), ddim (eta = 0) or ddpm (ancestral)
+    sampler: Literal["heun", "ddim", "ddpm"] = "heun"  # heun (order 2), ddim (eta 0), ddpm (eta 1)
     sample_steps: int = 50  # Reverse steps (2..T), a subsequence of the T (ddpm at T: the paper's)
-    noise: Noise = "sobol"  # Starting noise x_T: sobol (evenly spread) or iid (plain draws).
+    noise: Literal["sobol", "iid"] = "sobol"  # Starting noise x_T: sobol (evenly spread) or iid.
     num_samples: int = 2000  # Samples written to samples.npy and compared with fresh moons.
 
 
@@ -214,10 +205,9 @@ def validate(cfg: Config) -> None:
     for name in ("train_steps", "batch_size", "hidden", "depth"):
         check_number(cfg, name, 1)
     check_number(cfg, "num_train", 2)  # the data are normalised by their standard deviation
-    check_number(cfg, "num_samples", 2, MAX_SAMPLES)
+    check_number(cfg, "num_samples", 2, 10_000)  # the exact W2 costs n^2 memory and n^3 time
     check_number(cfg, "num_timesteps", 25, 1000)  # the rescaled beta_T = 20 / T stays below 1
-    # a subsequence of the T steps, with both ends (t = T and t = 1) on it
-    check_number(cfg, "sample_steps", 2, cfg.num_timesteps)
+    check_number(cfg, "sample_steps", 2, cfg.num_timesteps)  # a subsequence with t = T and t = 1
     check_number(cfg, "learning_rate", 0, 1, low_open=True)
     for name, allowed in (("sampler", SAMPLERS), ("noise", NOISES), ("preset", PRESETS)):
         if getattr(cfg, name) not in allowed:
@@ -227,14 +217,13 @@ def validate(cfg: Config) -> None:
 
 # %% [markdown]
 # ## Data and the forward process
-# `make_moons` is stratified (half its points a moon, evenly spaced angles): a perfect i.i.d.
-# sampler scores a W2 ratio of 1.3 to 1.5, so deterministic samplers start from evenly spread
-# (Sobol) noise. The forward process adds noise with variances $\beta_t$; in closed form
-# $q(x_t \mid x_0) = \mathcal N(\sqrt{\bar\alpha_t}\,x_0, (1 - \bar\alpha_t) I)$ with
-# $\bar\alpha_t = \prod_{s \le t} (1 - \beta_s)$. It must reach noise, $\bar\alpha_T \approx 0$, or
-# sampling starts where the model never trained. Ho et al.'s betas ($10^{-4}$ to $0.02$, for
-# $T = 1000$) leave $\bar\alpha_T = 0.36$ at $T = 100$; scaled by $1000 / T$ (Nichol & Dhariwal
-# 2021) they sum to about 10, and $\bar\alpha_T \approx e^{-10}$ at any $T$.
+# `make_moons` is stratified (half its points a moon, evenly spaced angles), so deterministic
+# samplers start from evenly spread (Sobol) noise. The forward process adds noise of variance
+# $\beta_t$ at step $t$; in closed form, with $\bar\alpha_t = \prod_{s \le t} (1 - \beta_s)$,
+# $$q(x_t \mid x_0) = \mathcal N(\sqrt{\bar\alpha_t}\,x_0, (1 - \bar\alpha_t) I).$$
+# It must reach noise, $\bar\alpha_T \approx 0$, or sampling starts where the model never trained.
+# Ho et al.'s betas ($10^{-4}$ to $0.02$, for $T = 1000$) leave $\bar\alpha_T = 0.36$ at $T = 100$;
+# scaled by $1000 / T$ (Nichol & Dhariwal 2021), $\bar\alpha_T \approx e^{-10}$ at any $T$.
 # %%
 def moons(n: int, seed: int) -> np.ndarray:
     """Two moons in sklearn's original coordinates, shape (n, 2)."""
@@ -268,8 +257,7 @@ def q_sample(schedule, x0, t, eps):
 # An MLP $\epsilon_\theta(x_t, t)$ learns the noise that was added (the "simple" loss, Eq. 14):
 # $$\mathcal L(\theta) = \mathbb E_{t, x_0, \epsilon} \big\| \epsilon - \epsilon_\theta\big(
 #   \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1 - \bar\alpha_t}\,\epsilon,\ t\big) \big\|^2 .$$
-# Adam, cosine decay, a fresh batch each step, jitted in `lax.scan` chunks (the host wakes between
-# chunks to log and to stop a diverged run).
+# Adam with cosine decay; fresh batches; jitted `lax.scan` chunks (between them: log, stop on NaN).
 # %%
 class NoiseMLP(nnx.Module):
     """eps(x, t): an MLP on [x, sinusoidal features of t / T at a few frequencies]."""
@@ -351,12 +339,12 @@ def sampling_coefficients(alpha_bars: np.ndarray, steps: int, eta: float):
 
 
 @nnx.jit(static_argnames=("num_timesteps", "heun"))
-def reverse_process(model, x_T, inputs, keys, num_timesteps: int, heun: bool):
+def reverse_process(model, x_T, inputs, num_timesteps: int, heun: bool):
     """Reverse steps from x_T along tau; returns the path, shape (steps + 1, batch, 2)."""
     eps = lambda x, t: model(x, jnp.full((x.shape[0],), t / num_timesteps))
 
     def ddpm_step(x, inputs):  # DDPM (eta = 1) or DDIM (eta = 0): the update above
-        t, ab, ab_prev, sigma, key = inputs
+        t, ab, _, ab_prev, sigma, key = inputs
         eps_hat = eps(x, t)
         x0_hat = (x - jnp.sqrt(1 - ab) * eps_hat) / jnp.sqrt(ab)
         direction = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0)) * eps_hat
@@ -364,17 +352,16 @@ def reverse_process(model, x_T, inputs, keys, num_timesteps: int, heun: bool):
         return x, x
 
     def heun_step(x, inputs):  # Karras et al. 2022, Alg. 1: 2 NFE a step, 1 on the last (s = 0)
-        t, ab, t_prev, ab_prev, _ = inputs
+        t, ab, t_prev, ab_prev, _, _ = inputs
         s, s_prev = jnp.sqrt((1 - ab) / ab), jnp.sqrt((1 - ab_prev) / ab_prev)
-        y = x / jnp.sqrt(ab)
-        d1 = eps(x, t)
+        y, d1 = x / jnp.sqrt(ab), eps(x, t)  # in y = x / sqrt(abar), dy/ds = eps
         y_euler = y + (s_prev - s) * d1  # exactly DDIM's step
         d2 = eps(y_euler * jnp.sqrt(ab_prev), t_prev)
         y = jnp.where(t_prev >= 0, y + (s_prev - s) * 0.5 * (d1 + d2), y_euler)
         x = y * jnp.sqrt(ab_prev)
         return x, x
 
-    _, path = jax.lax.scan(heun_step if heun else ddpm_step, x_T, (*inputs, keys))
+    _, path = jax.lax.scan(heun_step if heun else ddpm_step, x_T, inputs)
     return jnp.concatenate([x_T[None], path])
 
 
@@ -382,18 +369,17 @@ def sample(model, schedule, x_T, key, steps: int, sampler: str) -> jax.Array:
     """DDPM (eta = 1), DDIM (eta = 0) or Heun in `steps` reverse steps; returns the path."""
     alpha_bars = np.asarray(schedule["alpha_bars"], dtype=np.float64)
     tau, ab_t, ab_prev, sigma = sampling_coefficients(alpha_bars, steps, SAMPLERS[sampler])
-    heun = sampler == "heun"  # Heun needs t at both ends of a step (-1: past the last, abar = 1)
-    inputs = (tau, ab_t, np.append(tau[1:], -1), ab_prev) if heun else (tau, ab_t, ab_prev, sigma)
-    inputs = tuple(jnp.asarray(a, dtype=jnp.float32) for a in inputs)
-    keys = jax.random.split(key, steps)
-    return reverse_process(model, jnp.asarray(x_T), inputs, keys, len(alpha_bars), heun)
+    t_prev = np.append(tau[1:], -1)  # Heun needs t at both ends of a step (-1: past the last)
+    inputs = [jnp.asarray(a, jnp.float32) for a in (tau, ab_t, t_prev, ab_prev, sigma)]
+    inputs = (*inputs, jax.random.split(key, steps))
+    return reverse_process(model, jnp.asarray(x_T), inputs, len(alpha_bars), sampler == "heun")
 
 
 # %% [markdown]
 # ## Evaluate and draw
 # $W_2 = \sqrt{\min_\pi \frac1n \sum_i \|a_i - b_{\pi(i)}\|^2}$, exactly, over the floor (two fresh
-# sets of moons); beside it, the paper's sampler: ancestral DDPM over all $T$ steps. `samples.png`
-# shows the samples and their reverse paths; `studies/diffusion_samplers.py` draws the rest.
+# sets of moons). `samples.png` shows the samples and their reverse paths; the paper's sampler
+# (ancestral DDPM over all $T$ steps) and the other figures are in `studies/diffusion_samplers.py`.
 # %%
 def w2_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Exact W2 between equal-size point clouds, by the optimal assignment."""
@@ -410,30 +396,18 @@ def w2_floor(n: int, seed: int, draws: int = 5) -> float:
 
 
 def evaluate(cfg: Config, model, schedule, key, mu, sd):
-    """W2 ratios of cfg.sampler and of ancestral DDPM; returns the path, fresh moons, metrics."""
-    paths = []  # cfg's sampler, then the paper's: ancestral DDPM over all T steps, i.i.d. noise
-    runs = ((cfg.sampler, cfg.noise, cfg.sample_steps), ("ddpm", "iid", cfg.num_timesteps))
-    for sampler, noise, steps in runs:
-        x_T = base_noise(cfg.num_samples, noise, cfg.seed)
-        paths.append(np.asarray(sample(model, schedule, x_T, key, steps, sampler)) * sd + mu)
-        if not np.isfinite(paths[-1][-1]).all():  # W2's assignment would fail on it
-            raise FloatingPointError(f"sampling diverged ({sampler}, {steps} steps)")
+    """The W2 ratio of cfg.sampler, and alpha_bar_T; returns the path, fresh moons, metrics."""
+    x_T = base_noise(cfg.num_samples, cfg.noise, cfg.seed)
+    path = np.asarray(sample(model, schedule, x_T, key, cfg.sample_steps, cfg.sampler)) * sd + mu
+    if not np.isfinite(path[-1]).all():  # W2's assignment would fail on it
+        raise FloatingPointError(f"sampling diverged ({cfg.sampler}, {cfg.sample_steps} steps)")
     fresh = moons(cfg.num_samples, 7_919 * (cfg.seed + 1))  # never seen in training
-    floor = w2_floor(cfg.num_samples, cfg.seed)
-    w2, w2_ddpm = (w2_distance(path[-1], fresh) for path in paths)
-    metrics = {
-        "w2": w2,
-        "w2_floor": floor,
-        "w2_ratio": w2 / floor,
-        "w2_ratio_ceiling": 1.2,
-        "sampler": cfg.sampler,
-        "noise": cfg.noise,
-        "nfe": 2 * cfg.sample_steps - 1 if cfg.sampler == "heun" else cfg.sample_steps,
-        "w2_ratio_ddpm_ancestral": w2_ddpm / floor,
-        "alpha_bar_T": float(schedule["alpha_bars"][-1]),
-        "alpha_bar_T_ceiling": 1e-3,
-    }
-    return paths[0], fresh, metrics
+    floor, w2 = w2_floor(cfg.num_samples, cfg.seed), w2_distance(path[-1], fresh)
+    nfe = 2 * cfg.sample_steps - 1 if cfg.sampler == "heun" else cfg.sample_steps
+    metrics = dict(w2=w2, w2_floor=floor, w2_ratio=w2 / floor, w2_ratio_ceiling=1.2)
+    metrics |= dict(sampler=cfg.sampler, noise=cfg.noise, nfe=nfe)
+    metrics |= dict(alpha_bar_T=float(schedule["alpha_bars"][-1]), alpha_bar_T_ceiling=1e-3)
+    return path, fresh, metrics
 
 
 def plot_all(out, data, path, cfg, n: int = 200) -> None:
@@ -456,8 +430,7 @@ def plot_all(out, data, path, cfg, n: int = 200) -> None:
 
 # %% [markdown]
 # ## Main
-# Train in normalised coordinates (where noise and data have the same scale), evaluate, draw,
-# and write `metrics.json` last; `out_dir` is replaced only if all of it worked.
+# Train in normalised coordinates (where noise and data have the same scale), evaluate, draw.
 # %%
 def main(cfg: Config) -> dict:
     validate(cfg)
@@ -475,21 +448,12 @@ def main(cfg: Config) -> dict:
         plot_all(out, fresh, path, cfg)
         np.save(out / "samples.npy", path[-1].astype(np.float32))
         wall_time_s = timer.lap("figures")
-        metrics = {
-            "task": "diffusion",
-            "seed": cfg.seed,
-            "preset": cfg.preset,
-            **results,
-            **{k: getattr(cfg, k) for k in ("num_timesteps", "train_steps", "batch_size")},
-            "train_examples_seen": cfg.train_steps * cfg.batch_size,
-            "final_loss": float(losses[-len(losses) // 20 :].mean()),
-            **device_info(),
-            "throughput": float(steps_per_s),
-            "throughput_unit": "steps/s",
-            "wall_time_s": wall_time_s,
-            "wall_time_s_ceiling": 90,
-            "time_split_s": timer.split,
-        }
+        metrics = {"task": "diffusion", "seed": cfg.seed, "preset": cfg.preset, **results}
+        metrics |= {k: getattr(cfg, k) for k in ("num_timesteps", "train_steps", "batch_size")}
+        metrics["train_examples_seen"] = cfg.train_steps * cfg.batch_size
+        metrics["final_loss"] = float(losses[-len(losses) // 20 :].mean())
+        metrics |= {**device_info(), "throughput": float(steps_per_s), "throughput_unit": "steps/s"}
+        metrics |= dict(wall_time_s=wall_time_s, wall_time_s_ceiling=90, time_split_s=timer.split)
         write_metrics(out, cfg, metrics)  # config.json, then metrics.json last
     print(" ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float)))
     return metrics

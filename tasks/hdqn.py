@@ -16,8 +16,7 @@ reward F summed over the option; the controller acts until it reaches g (intrins
     Q2(s, g) <- F + gamma * max_g' Q2(s', g'),     Q1(s, a; g) <- r + gamma * max_a' Q1(s', a'; g).
 The baseline is a flat DQN on the same one-hot state. That state does not say whether s6 was
 visited, so the reward is not Markov for it: "right" in s3..s5 is right on the way out and wrong
-on the way back. PureJaxRL style: one step of either agent is a pure function; `lax.scan` and
-`jax.jit` run chunks of steps, `jax.vmap` the seeds, split over the devices.
+on the way back. PureJaxRL style: `lax.scan` runs the steps under `jax.jit`, `jax.vmap` the seeds.
 
     python tasks/hdqn.py                 # 5 seeds of h-DQN and flat DQN, figures and metrics.json
     python tasks/hdqn.py --preset paper  # the paper's 10 runs, learning rate and epsilon schedule
@@ -26,24 +25,17 @@ on the way back. PureJaxRL style: one step of either agent is a pure function; `
 Expected result (defaults: 5 seeds, 60k steps per seed and agent; about 35 s on 2 CPU cores):
 average extrinsic reward over the last 1000 episodes, h-DQN 0.144 +- 0.009 (paper: about 0.13),
 flat DQN 0.065 +- 0.005 (paper: about 0.01), optimum 0.208. The bars (in metrics.json): h-DQN
->= 0.13 and h-DQN >= 2x flat DQN. Why the flat DQN misses 0.01: studies/hdqn_flat_learners.py;
-visits to s3..s6 (paper Fig. 4): studies/hdqn_visits.py; all results: docs/hdqn.md.
+>= 0.13 and h-DQN >= 2x flat DQN. All results, and why the flat DQN misses 0.01: docs/hdqn.md.
 
-Differences from the paper:
-  * "right" in s6 moves left (a wall), as in the widely copied public environment; an episode
-    also ends after `time_limit` = 50 steps, unpaid (the optimum is still 0.2080 to 4 decimals).
-  * epsilon1_g: Algorithm 1 anneals it "using the average success rate of reaching goal g"
-    without a formula; a perfect controller reaches s6 from s2 only 1 time in 5, so we anneal it
-    linearly from 1 to 0.1 in the number of times g was reached.
-  * Network and buffer sizes are ours (the paper gives none). "200 epochs" is not given in steps:
-    the `paper` preset runs 200k steps, epsilon annealed over the first 50k.
+Differences from the paper (details in docs/hdqn.md): "right" in s6 moves left (a wall); an
+episode also ends, unpaid, after `time_limit` = 50 steps (the optimum is still 0.2080); epsilon1_g
+is annealed linearly from 1 to 0.1 in the number of times g was reached (the paper gives no
+formula); the network and buffer sizes are ours; the `paper` preset runs 200k steps.
 """
 
 # %% [markdown]
 # ## Imports and helpers
-# The helpers are identical in every task file (a test compares them). `shard_seeds` splits the
-# seed axis over a 1-D device `Mesh` with a `NamedSharding`.
-
+# Identical in every task file (a test compares them); `shard_seeds` splits the seeds over devices.
 # %%
 import collections
 import contextlib
@@ -93,9 +85,7 @@ def check_out_dir(out_dir: str) -> None:
         raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
     is_run = (path / "config.json").exists() or (path / "metrics.json").exists()
     if path.is_dir() and any(path.iterdir()) and not is_run:
-        raise option_error(
-            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
-        )
+        raise option_error("out_dir", out_dir, "holds other files; give an empty or a run's folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryDirectory(dir=path.parent).cleanup()
@@ -192,10 +182,8 @@ def run_cli() -> dict:
 def device_info() -> dict:
     """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
     devices = jax.devices()
-    return {
-        "device": f"{jax.default_backend()}:{devices[0].device_kind}",
-        "num_devices": len(devices),
-    }
+    kind = f"{jax.default_backend()}:{devices[0].device_kind}"
+    return {"device": kind, "num_devices": len(devices)}
 
 
 def shard_seeds(tree):
@@ -213,18 +201,10 @@ def shard_seeds(tree):
     )
 
 
-# %% [markdown]
-# ## Configuration
-# The defaults are the 2-core CPU run; `--preset paper` the paper's settings. Both levels and
-# the flat DQN share every hyperparameter.
-
-
 # %%
 @dataclasses.dataclass(frozen=True)
-class Config:
-    preset: Literal["cpu", "paper"] = "cpu"
-    """the defaults: `cpu` (5 seeds, 60k steps) or `paper` (its 10 runs, learning rate 2.5e-4,
-    epsilon annealed over 50k of 200k steps); flags on the command line override them"""
+class Config:  # the defaults are the 2-core CPU run; all agents share every hyperparameter
+    preset: Literal["cpu", "paper"] = "cpu"  # the defaults: cpu (below) or paper (its 10 runs)
     seed: int = 0  # base random seed; the seeds run are split from it
     num_seeds: int = 5  # independent runs of each agent, vmapped and split over the local devices
     num_steps: int = 60_000  # environment steps per seed and agent (a positive multiple of 10)
@@ -265,14 +245,12 @@ NUM_CHUNKS = 10  # the host sees training 10 times (progress bar and log line); 
 NUM_STATES, NUM_ACTIONS = 6, 2  # states: index 0..5 is s1..s6
 TERMINAL, START, GOAL_STATE = 0, 1, 5  # s1, s2, s6
 LEFT, RIGHT = 0, 1
-
-
+tree_where = lambda cond, new, old: jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
+set_where = lambda arr, i, cond, x: arr.at[i].set(jnp.where(cond, x, arr[i]))  # arr[i] = x if cond
 # position 0..5, "s6 visited" (the part of the history the reward depends on), steps taken
 EnvState = collections.namedtuple("EnvState", "pos visited_s6 t")
 env_reset = lambda: EnvState(jnp.int32(START), jnp.bool_(False), jnp.int32(0))
-env_auto_reset = lambda state, done: jax.tree.map(
-    lambda r, e: jnp.where(done, r, e), env_reset(), state
-)
+env_auto_reset = lambda state, done: tree_where(done, env_reset(), state)
 one_hot_state = lambda pos: jax.nn.one_hot(pos, NUM_STATES)  # the observation, (6,)
 # the controller sees state and goal, both one-hot: (12,)
 controller_obs = lambda pos, goal: jnp.concatenate([one_hot_state(pos), one_hot_state(goal)])
@@ -283,11 +261,10 @@ def env_step(key, state: EnvState, action, time_limit: int):
     moves_right = (action == RIGHT) & (jax.random.uniform(key) < 0.5) & (state.pos < GOAL_STATE)
     pos = jnp.where(moves_right, state.pos + 1, state.pos - 1)  # in s6, "right" moves left
     visited = state.visited_s6 | (pos == GOAL_STATE)
-    t = state.t + 1
-    done = (pos == TERMINAL) | (t >= time_limit)
     # the reward is paid on reaching s1; an episode cut by the time limit earns nothing
     reward = jnp.where(pos == TERMINAL, jnp.where(visited, 1.0, 0.01), 0.0)
-    return EnvState(pos, visited, t), reward, done
+    done = (pos == TERMINAL) | (state.t + 1 >= time_limit)
+    return EnvState(pos, visited, state.t + 1), reward, done
 
 
 def transition_matrix() -> np.ndarray:
@@ -323,15 +300,6 @@ def solve_mdp(horizon: int, policy: np.ndarray | None = None) -> float:
 
 
 # %%
-class QNetwork(nnx.Module):
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, rngs: nnx.Rngs):
-        self.hidden = nnx.Linear(in_dim, hidden, rngs=rngs)
-        self.out = nnx.Linear(hidden, out_dim, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.out(nnx.relu(self.hidden(x)))  # one Q-value per action (or goal)
-
-
 # a ring buffer of transitions; done is 1.0 where the target must not bootstrap
 Buffer = collections.namedtuple("Buffer", "obs action reward next_obs done ptr size")
 # one DQN: online and target parameters, Adam's state, its own replay buffer, and the TD loss of
@@ -341,24 +309,24 @@ Learner = collections.namedtuple("Learner", "params target_params opt_state buff
 
 def buffer_add(buf: Buffer, obs, action, reward, next_obs, done, valid) -> Buffer:
     """Write one transition if `valid` (a traced bool); otherwise leave the buffer unchanged."""
-    write = lambda arr, x: arr.at[buf.ptr].set(jnp.where(valid, x, arr[buf.ptr]))
+    fields = zip(buf[:5], (obs, action, reward, next_obs, done.astype(jnp.float32)))
+    capacity = buf.action.shape[0]
     return Buffer(
-        write(buf.obs, obs), write(buf.action, action), write(buf.reward, reward),
-        write(buf.next_obs, next_obs), write(buf.done, done.astype(jnp.float32)),
-        (buf.ptr + valid) % buf.action.shape[0], jnp.minimum(buf.size + valid, buf.action.shape[0]),
-    )  # fmt: skip
+        *(set_where(arr, buf.ptr, valid, x) for arr, x in fields),
+        (buf.ptr + valid) % capacity,
+        jnp.minimum(buf.size + valid, capacity),
+    )
 
 
 def make_dqn(cfg: Config, in_dim: int, out_dim: int):
     """Returns (init, q_values, update) for one DQN, closed over its graph and optimiser."""
-    graphdef, _ = nnx.split(QNetwork(in_dim, cfg.hidden, out_dim, nnx.Rngs(0)))
-    tx = optax.adam(cfg.learning_rate)
-
-    def q_values(params: nnx.State, obs: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, params)(obs)
+    mlp = lambda rngs: nnx.Sequential(nnx.Linear(in_dim, cfg.hidden, rngs=rngs), nnx.relu,
+                                      nnx.Linear(cfg.hidden, out_dim, rngs=rngs))  # fmt: skip
+    graphdef, tx = nnx.split(mlp(nnx.Rngs(0)))[0], optax.adam(cfg.learning_rate)
+    q_values = lambda params, obs: nnx.merge(graphdef, params)(obs)  # one Q per action (or goal)
 
     def init(key: jax.Array) -> Learner:
-        params = nnx.split(QNetwork(in_dim, cfg.hidden, out_dim, nnx.Rngs(key)))[1]
+        params = nnx.split(mlp(nnx.Rngs(key)))[1]
         n, zeros = cfg.buffer_size, jnp.zeros
         buffer = Buffer(zeros((n, in_dim)), zeros(n, jnp.int32), zeros(n), zeros((n, in_dim)),
                         zeros(n), jnp.int32(0), jnp.int32(0))  # fmt: skip
@@ -370,22 +338,20 @@ def make_dqn(cfg: Config, in_dim: int, out_dim: int):
         target = reward + cfg.gamma * (1.0 - done) * q_values(target_params, next_obs).max(-1)
         return optax.huber_loss(q, jax.lax.stop_gradient(target)).mean()
 
-    def update(learner: Learner, key, step, *transition) -> tuple[Learner, jax.Array]:
-        """Store `transition` (if given: buffer_add's arguments), then one Adam step on a replay
-        minibatch; returns (learner, gradient norm)."""
-        buf = buffer_add(learner.buffer, *transition) if transition else learner.buffer
+    def update(learner: Learner, key, step, *transition) -> Learner:
+        """Store `transition` (buffer_add's arguments), then one Adam step on a replay minibatch."""
+        buf = buffer_add(learner.buffer, *transition)
         idx = jax.random.randint(key, (cfg.batch_size,), 0, jnp.maximum(buf.size, 1))
         batch = buf.obs[idx], buf.action[idx], buf.reward[idx], buf.next_obs[idx], buf.done[idx]
         loss, grads = jax.value_and_grad(loss_fn)(learner.params, learner.target_params, batch)
         updates, opt_state = tx.update(grads, learner.opt_state, learner.params)
-        params = optax.apply_updates(learner.params, updates)
         ready = buf.size >= cfg.batch_size  # no learning before one full batch
-        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ready, a, b), new, old)
-        params, opt_state = pick(params, learner.params), pick(opt_state, learner.opt_state)
-        copy = step % cfg.target_period == 0
-        target = jax.tree.map(lambda p, t: jnp.where(copy, p, t), params, learner.target_params)
-        new = Learner(params, target, opt_state, buf, loss * ready)
-        return new, optax.global_norm(grads) * ready
+        old = learner.params, learner.opt_state
+        params, opt_state = tree_where(
+            ready, (optax.apply_updates(old[0], updates), opt_state), old
+        )
+        target = tree_where(step % cfg.target_period == 0, params, learner.target_params)
+        return Learner(params, target, opt_state, buf, loss * ready)
 
     return init, q_values, update
 
@@ -400,12 +366,14 @@ def epsilon_greedy(key: jax.Array, q: jax.Array, epsilon: jax.Array) -> jax.Arra
 
 
 # %% [markdown]
-# ## One environment step of each agent
+# ## One environment step of each agent, and training
 # The agent lives in a carry; `step(carry) -> carry` acts, stores, learns and resets. h-DQN
 # (Algorithm 1): (1) the meta-controller picks a goal when an option starts ($\epsilon_2$);
 # (2) the controller acts towards it ($\epsilon_{1,g}$); (3) the internal critic pays 1 on
 # reaching $g$, which ends the option, and the meta-controller stores $(s_0, g, F, s')$ once per
-# option; (4) each level takes one replay update per step.
+# option; (4) each level takes one replay update per step. Training: `lax.scan` runs
+# `num_steps / 10` steps of every seed under one `jax.jit`; the host sees training 10 times, to
+# check that the TD loss is finite and to print a log line.
 
 
 # %%
@@ -429,8 +397,8 @@ def log_step(log: EpisodeLog, pos: jax.Array, reward: jax.Array, done: jax.Array
     visits = log.current_visits + one_hot_state(pos).astype(jnp.int32)
     idx = jnp.minimum(log.count, log.reward.shape[0] - 1)
     return EpisodeLog(
-        log.reward.at[idx].set(jnp.where(done, reward, log.reward[idx])),
-        log.visits.at[idx].set(jnp.where(done, visits, log.visits[idx])),
+        set_where(log.reward, idx, done, reward),  # the finished episode's row
+        set_where(log.visits, idx, done, visits),
         log.count + done,
         jnp.where(done, 0, visits),
     )
@@ -468,11 +436,11 @@ def make_hdqn(cfg: Config):
         option_end = reached | done
         # 4. each level stores its transition and takes one replay update; the meta-controller
         # stores (s0, g, F, s') once per option, and bootstraps unless the episode is done
-        ctrl, _ = ctrl_update(
+        ctrl = ctrl_update(
             c.ctrl, ctrl_key, c.step, controller_obs(pos, goal), action,
             reached.astype(jnp.float32), controller_obs(env.pos, goal), option_end, True,
         )  # fmt: skip
-        meta, _ = meta_update(
+        meta = meta_update(
             c.meta, meta_key, c.step, one_hot_state(option_start), goal, option_reward,
             one_hot_state(env.pos), done, option_end,
         )  # fmt: skip
@@ -500,21 +468,15 @@ def make_flat_dqn(cfg: Config):
         epsilon = linear_epsilon(c.step / (cfg.anneal_frac * cfg.num_steps))
         action = epsilon_greedy(act_key, dqn_q(c.dqn.params, obs), epsilon)
         env, reward, done = env_step(env_key, c.env, action, cfg.time_limit)
-        transition = (obs, action, reward, one_hot_state(env.pos), done, True)
-        dqn, _ = dqn_update(c.dqn, learn_key, c.step, *transition)
+        dqn = dqn_update(
+            c.dqn, learn_key, c.step, obs, action, reward, one_hot_state(env.pos), done, True
+        )
         log = log_step(c.log, env.pos, reward, done)
         return FlatCarry(key, c.step + 1, env_auto_reset(env, done), dqn, log)
 
     return init, step
 
 
-# %% [markdown]
-# ## Training
-# `lax.scan` runs `num_steps / 10` steps of every seed under one `jax.jit`; the host sees training
-# 10 times, to check that the TD loss is finite and to print a log line.
-
-
-# %%
 @functools.lru_cache
 def make_train(cfg: Config, agent: str):
     """Returns jitted (init(keys), run_chunk(carry)) for all seeds of "hdqn" or "dqn" (cached)."""
@@ -526,42 +488,40 @@ def make_train(cfg: Config, agent: str):
 
 def init_carry(cfg: Config, agent: str) -> HdqnCarry | FlatCarry:
     """The initial carry of every seed of one agent, its seed axis split over the local devices."""
-    offset = {"hdqn": 0, "dqn": 1}[agent]
-    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), offset), cfg.num_seeds)
+    base = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), {"hdqn": 0, "dqn": 1}[agent])
+    keys = jax.random.split(base, cfg.num_seeds)
     return shard_seeds(make_train(cfg, agent)[0](keys))
 
 
-def train(cfg: Config, agent: str, progress=None, timing: dict | None = None):
+def train(cfg: Config, agent: str, timing: dict | None = None):
     """Trains all seeds of "hdqn" or "dqn"; returns the final carry of every seed, on the host.
     timing[agent] = (env steps, seconds) of the chunks after the first (which compiles)."""
     run_chunk, chunk = make_train(cfg, agent)[1], cfg.num_steps // NUM_CHUNKS
     carry = init_carry(cfg, agent)
-    for i in range(NUM_CHUNKS):
+    for i in tqdm(range(NUM_CHUNKS), desc=f"{agent} chunks", disable=None):
         if i == 1:
             timed_from = time.perf_counter()
         carry = run_chunk(carry)
-        learners = (carry.meta, carry.ctrl) if agent == "hdqn" else (carry.dqn,)
-        losses = np.stack([np.asarray(lrn.loss)[: cfg.num_seeds] for lrn in learners])
-        if not np.isfinite(losses).all():  # a diverged learner shows as a non-finite TD loss
-            raise FloatingPointError(
-                f"{agent} training diverged at step {(i + 1) * chunk}: loss is "
-                f"{losses[~np.isfinite(losses)][0]}; try a smaller --learning-rate"
-            )
+        loss = carry.dqn.loss if agent == "dqn" else carry.meta.loss + carry.ctrl.loss
+        if not np.isfinite(np.asarray(loss)[: cfg.num_seeds]).all():  # a diverged learner
+            raise FloatingPointError(f"{agent} diverged at step {(i + 1) * chunk}: the TD loss is "
+                                     "not finite; try a smaller --learning-rate")  # fmt: skip
         counts = np.asarray(carry.log.count)[: cfg.num_seeds]
         recent = last_episodes_mean(np.asarray(carry.log.reward)[: cfg.num_seeds], counts)
         print(f"agent={agent} step={(i + 1) * chunk} episodes={int(counts.min())} "
               f"reward_last{LAST_EPISODES}={recent.mean():.4f}")  # fmt: skip
-        if progress is not None:
-            progress.update(1)
     if timing is not None:
         timing[agent] = (cfg.num_seeds * (cfg.num_steps - chunk), time.perf_counter() - timed_from)
     return jax.tree.map(lambda x: x[: cfg.num_seeds], jax.device_get(carry))
 
 
 # %% [markdown]
-# ## Evaluation
+# ## Evaluation, figure and main
 # The headline: extrinsic reward over the last 1000 episodes of each seed, mean over seeds. The
 # flat DQN's two $Q(s_2, \cdot)$ stay about 0.02 apart, so its greedy action keeps flipping.
+# `reward.png` is the paper's Fig. 3 (its Fig. 4, visits to s3..s6: studies/hdqn_visits.py).
+# `main` validates every option before any work and writes metrics.json last, into a run folder
+# that replaces the old one whole.
 
 
 # %%
@@ -580,46 +540,42 @@ def per_bin(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def evaluate(cfg: Config, final: dict, timing: dict) -> dict:
     """metrics.json's results: rewards per seed, the bars beside them, and the flat DQN's Q(s2)."""
-    logs = {agent: carry.log for agent, carry in final.items()}
-    if (fewest := min(int(log.count.min()) for log in logs.values())) < LAST_EPISODES:
+    metrics = {"task": "hdqn", "seed": cfg.seed, "preset": cfg.preset,
+               "num_seeds": cfg.num_seeds, "num_steps": cfg.num_steps}  # fmt: skip
+    for agent in ("hdqn", "dqn"):
+        log = final[agent].log
+        reward = last_episodes_mean(log.reward, log.count)  # (seeds,)
+        visits = last_episodes_mean(log.visits, log.count)  # (seeds, states)
+        metrics |= {
+            f"{agent}_reward": float(reward.mean()), f"{agent}_reward_std": float(reward.std()),
+            f"{agent}_reward_per_seed": " ".join(f"{r:.4f}" for r in reward),
+            f"{agent}_s6_visits_per_episode": float(visits[:, GOAL_STATE].mean()),
+            f"{agent}_episodes": int(log.count.min()),
+        }  # fmt: skip
+    if (fewest := min(metrics["hdqn_episodes"], metrics["dqn_episodes"])) < LAST_EPISODES:
         print(f"note: a seed finished only {fewest} episodes; its averages use all of them")
-    hdqn, dqn = (last_episodes_mean(logs[a].reward, logs[a].count) for a in ("hdqn", "dqn"))
-    s6_visits = lambda log: last_episodes_mean(log.visits, log.count)[:, GOAL_STATE].mean()
     q_values = make_dqn(cfg, NUM_STATES, NUM_ACTIONS)[1]
     q_s2 = np.asarray(jax.vmap(q_values, (0, None))(final["dqn"].dqn.params, one_hot_state(START)))
-    per_seed = lambda rewards: " ".join(f"{r:.4f}" for r in rewards)
     # the flat DQN earns at least 0.01 unless every episode is cut by the time limit; the floor
     # keeps the ratio finite. Throughput: env steps/s of both compiled loops, first chunk left out.
-    return {
-        "task": "hdqn", "seed": cfg.seed, "preset": cfg.preset,
-        "num_seeds": cfg.num_seeds, "num_steps": cfg.num_steps,
-        "hdqn_reward": float(hdqn.mean()), "hdqn_reward_std": float(hdqn.std()),
-        "hdqn_reward_per_seed": per_seed(hdqn), "hdqn_reward_target": PAPER_HDQN_REWARD,
-        "hdqn_reward_paper": PAPER_HDQN_REWARD,
-        "dqn_reward": float(dqn.mean()), "dqn_reward_std": float(dqn.std()),
-        "dqn_reward_per_seed": per_seed(dqn), "dqn_reward_paper": PAPER_FLAT_REWARD,
-        "hdqn_over_dqn": float(hdqn.mean() / max(dqn.mean(), 1e-6)),
-        "hdqn_over_dqn_target": HDQN_OVER_DQN_TARGET, "optimal_reward": solve_mdp(cfg.time_limit),
+    return metrics | {
+        "hdqn_reward_target": PAPER_HDQN_REWARD, "hdqn_reward_paper": PAPER_HDQN_REWARD,
+        "dqn_reward_paper": PAPER_FLAT_REWARD, "hdqn_over_dqn_target": HDQN_OVER_DQN_TARGET,
+        "hdqn_over_dqn": metrics["hdqn_reward"] / max(metrics["dqn_reward"], 1e-6),
+        "optimal_reward": solve_mdp(cfg.time_limit),
         "always_right_reward": solve_mdp(cfg.time_limit, policy=np.array([0.0, 1.0])),
-        **{f"{a}_s6_visits_per_episode": float(s6_visits(logs[a])) for a in ("hdqn", "dqn")},
         "dqn_q_s2_left": float(q_s2[:, LEFT].mean()),
         "dqn_q_s2_right": float(q_s2[:, RIGHT].mean()),
-        **{f"{a}_episodes": int(logs[a].count.min()) for a in ("hdqn", "dqn")}, **device_info(),
+        **device_info(), "wall_time_s_ceiling": WALL_TIME_CEILING_S,
         "throughput": sum(n for n, _ in timing.values()) / sum(t for _, t in timing.values()),
-        "throughput_unit": "env-steps/s", "wall_time_s_ceiling": WALL_TIME_CEILING_S,
+        "throughput_unit": "env-steps/s",
     }  # fmt: skip
 
 
-# %% [markdown]
-# ## Figure
-# `reward.png` is the paper's Fig. 3 (its Fig. 4, visits to s3..s6: studies/hdqn_visits.py).
-
-
-# %%
-def plot_reward(logs: dict[str, EpisodeLog], optimum: float, path: pathlib.Path) -> None:
+def plot_reward(final: dict, optimum: float, path: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for agent, label, color in (("hdqn", "h-DQN", "tab:blue"), ("dqn", "flat DQN", "tab:red")):
-        curves = per_bin(logs[agent].reward, logs[agent].count)  # (seeds, bins)
+        curves = per_bin(final[agent].log.reward, final[agent].log.count)  # (seeds, bins)
         x = np.arange(1, curves.shape[1] + 1)
         ax.plot(x, curves.mean(0), color=color, lw=2, label=f"{label} ({len(curves)} seeds)")
         ax.fill_between(x, curves.min(0), curves.max(0), color=color, alpha=0.2)
@@ -635,29 +591,16 @@ def plot_reward(logs: dict[str, EpisodeLog], optimum: float, path: pathlib.Path)
     save_figure(fig, path)
 
 
-# %% [markdown]
-# ## Main
-# Validate every option before any work; write metrics.json last, into a run folder that
-# replaces the old one whole.
-
-# %%
-INTEGER_OPTIONS = (
-    "seed", "num_seeds", "num_steps", "time_limit", "hidden", "batch_size", "buffer_size",
-    "target_period", "goal_anneal_reaches",
-)  # fmt: skip
-
-
 def validate(cfg: Config) -> None:
     """Every option finite and in range, and the rules between options; no model or compile work."""
-    for name, value in ((n, getattr(cfg, n)) for n in INTEGER_OPTIONS):
-        if not isinstance(value, int) or isinstance(value, bool):
+    for name, kind in ((f.name, f.type) for f in dataclasses.fields(cfg)):
+        value = getattr(cfg, name)
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
             raise option_error(name, value, "must be an integer")
-    if not 0 <= cfg.seed < 2**32:
-        raise option_error("seed", cfg.seed, "must be an integer >= 0 and < 2**32")
-    for name in INTEGER_OPTIONS[1:]:
-        check_number(cfg, name, 1)
-    for name in ("gamma", "learning_rate", "anneal_frac"):
-        check_number(cfg, name, 0.0, 1.0, low_open=True)
+        if kind is int:  # a count >= 1, or the seed >= 0
+            check_number(cfg, name, int(name != "seed"), 2**32, high_open=True)
+        elif kind is float:  # gamma, learning rate, share of the steps
+            check_number(cfg, name, 0.0, 1.0, low_open=True)
     rules = [
         ("num_steps", cfg.num_steps % NUM_CHUNKS, f"must be a multiple of {NUM_CHUNKS} (chunks)"),
         ("buffer_size", cfg.buffer_size < cfg.batch_size, f"must be >= --batch-size "
@@ -678,14 +621,12 @@ def main(cfg: Config) -> dict:
     timer, start = PhaseTimer(), time.time()
     timer.lap("setup")  # nothing to load: the environment is a function, compiling is in train
     timing = {}  # agent -> (environment steps, seconds) of the compiled training loop
-    with tqdm(total=2 * NUM_CHUNKS, desc="h-DQN and flat DQN chunks", disable=None) as progress:
-        final = {agent: train(cfg, agent, progress, timing) for agent in ("hdqn", "dqn")}
+    final = {agent: train(cfg, agent, timing) for agent in ("hdqn", "dqn")}
     timer.lap("train")
     metrics = evaluate(cfg, final, timing)
     timer.lap("evaluate")
     with staged_run(cfg.out_dir) as out:
-        logs = {agent: carry.log for agent, carry in final.items()}
-        plot_reward(logs, metrics["optimal_reward"], out / "reward.png")
+        plot_reward(final, metrics["optimal_reward"], out / "reward.png")
         timer.lap("figures")
         metrics["time_split_s"], metrics["wall_time_s"] = timer.split, time.time() - start
         shown = [(k, v) for k, v in metrics.items() if not isinstance(v, dict)]

@@ -75,9 +75,7 @@ def check_out_dir(out_dir: str) -> None:
         raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
     is_run = (path / "config.json").exists() or (path / "metrics.json").exists()
     if path.is_dir() and any(path.iterdir()) and not is_run:
-        raise option_error(
-            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
-        )
+        raise option_error("out_dir", out_dir, "holds other files; give an empty or a run's folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryDirectory(dir=path.parent).cleanup()
@@ -174,10 +172,8 @@ def run_cli() -> dict:
 def device_info() -> dict:
     """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
     devices = jax.devices()
-    return {
-        "device": f"{jax.default_backend()}:{devices[0].device_kind}",
-        "num_devices": len(devices),
-    }
+    kind = f"{jax.default_backend()}:{devices[0].device_kind}"
+    return {"device": kind, "num_devices": len(devices)}
 
 
 # %% [markdown]

@@ -4,8 +4,8 @@ What this teaches: how a language model is fine-tuned with reinforcement learnin
 1. Pretrain a small autoregressive policy by maximum likelihood on Shakespeare's sonnets; a frozen
    copy of it is the *reference* policy pi_ref.
 2. Sample two-line verses from the policy: each token is an action, each verse an episode.
-3. Score every verse with a frozen reward model, here hand-made: the mean log-likelihood of the
-   verse under a smoothed trigram model of the training sonnets, plus a metre term.
+3. Score every verse with a frozen, hand-made reward model: the mean log-likelihood of the verse
+   under a smoothed trigram model of the training sonnets, plus a metre term.
 4. Improve the policy with PPO, paying a per-token KL penalty for drifting away from pi_ref.
 5. Judge the result with a model PPO never saw (SmolLM2-135M: log-prob per token), and check
    that PPO did not learn to copy the training text.
@@ -25,25 +25,16 @@ over seeds, with the seed axis sharded over all local devices.
     python tasks/shakespeare_ppo.py
     python tasks/shakespeare_ppo.py --help
     python studies/shakespeare_ppo_temperature.py    # the reference cooled to PPO's diversity
+    python studies/shakespeare_ppo_diagnostics.py    # exact KL, held-out perplexity, distinct-1
 
-Expected result (defaults: 3 PPO seeds from one reference policy; a few minutes on 2 CPU cores,
-see docs/shakespeare_ppo.md): the task reward goes from -5.75 (reference) to -5.15 +- 0.04,
-nearly all of it in the LM term; the judge from -6.85 to -6.38 +- 0.04, where real held-out
-couplets score -6.02; the longest span copied from the training text stays at 4 to 5 words, and
-distinct-2 falls from 0.69 to 0.57. The study shows that the reference sampled at T ~ 0.82 (the
-same distinct-2, no training) scores as well: here PPO mostly sharpens pi_ref.
-
-Differences from the papers: the reward model is a trigram model plus a syllable count, not a
-network trained on human preferences (cheap, frozen, transparent; fit on the training sonnets, so
-PPO is partly rewarded for reusing their phrases, which the copy check measures). The policy is
-a one-layer GRU (128 units) over 503 tokens, the critic a separate small GRU, the KL coefficient
-fixed (no adaptive controller): the samples read as Shakespeare-flavoured word salad with local
-grammar, not as poetry.
+Expected result (defaults: 3 PPO seeds from one reference policy, a few minutes on 2 CPU cores):
+the task reward goes from -5.75 (reference) to -5.15 +- 0.04, the judge from -6.85 to -6.38 +-
+0.04 (real held-out couplets: -6.02); the longest span copied from the training text stays at 4
+to 5 words, distinct-2 falls from 0.69 to 0.57. The reference sampled at T ~ 0.82 scores as
+well (the study): here PPO mostly sharpens pi_ref. Differences from the papers: the reward is a
+trigram model plus a syllable count, not a network trained on human preferences; the policy is
+a one-layer GRU; the KL coefficient is fixed. Details and results: docs/shakespeare_ppo.md.
 """
-
-# %% [markdown]
-# ## Imports and constants
-# The policy, the reward and PPO are JAX (Flax NNX, optax); only the judge, SmolLM2, is PyTorch.
 
 # %%
 import collections
@@ -125,9 +116,7 @@ def check_out_dir(out_dir: str) -> None:
         raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
     is_run = (path / "config.json").exists() or (path / "metrics.json").exists()
     if path.is_dir() and any(path.iterdir()) and not is_run:
-        raise option_error(
-            "out_dir", out_dir, "holds other files; give a new or empty folder, or a run's folder"
-        )
+        raise option_error("out_dir", out_dir, "holds other files; give an empty or a run's folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryDirectory(dir=path.parent).cleanup()
@@ -224,10 +213,8 @@ class PhaseTimer:
 def device_info() -> dict:
     """Where the run ran, for metrics.json: JAX's backend, the device kind, how many devices."""
     devices = jax.devices()
-    return {
-        "device": f"{jax.default_backend()}:{devices[0].device_kind}",
-        "num_devices": len(devices),
-    }
+    kind = f"{jax.default_backend()}:{devices[0].device_kind}"
+    return {"device": kind, "num_devices": len(devices)}
 
 
 def shard_seeds(tree):
@@ -279,10 +266,7 @@ def load_packaged_smollm2() -> tuple[torch.nn.Module, object, str]:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.rename(tmp, cache)
-    except (
-        OSError,
-        ValueError,
-    ) as err:  # another run cached it first, or no cache: go on
+    except (OSError, ValueError) as err:  # another run cached it first, or no cache: go on
         print(f"model not cached in {cache} ({type(err).__name__}: {err})")
     finally:
         if tmp is not None:
@@ -307,8 +291,10 @@ def read_sonnets_text() -> str:
 
 
 # %% [markdown]
-# ## Config
-# The defaults are the 2-core CPU run: one reference policy, three PPO seeds trained together.
+# ## Config and data: sonnets to couplets of token ids
+# The defaults are the 2-core CPU run. Every tenth sonnet is held out. A verse is two consecutive
+# lines, `line <nl> line <end>`, in a 500-word vocabulary; the MLE data is every pair of
+# consecutive lines of the training sonnets.
 
 
 # %%
@@ -332,8 +318,7 @@ class Config:
     kl_coef: float = 0.2
     """beta: the per-token KL penalty to the reference policy, as in RLHF; >= 0"""
     num_seeds: int = 3
-    """PPO seeds, run in parallel with vmap (sharded over the local devices); the spread over
-    them is ppo_reward_std and judge_ppo_std"""
+    """PPO seeds, vmapped (sharded over the local devices); their spread is judge_ppo_std"""
     eval_samples: int = 256
     """verses sampled from each policy (and seed) for the evaluation metrics, >= 2"""
     seed: int = 0
@@ -345,27 +330,9 @@ class Config:
 PRESETS: dict[str, Config] = {"cpu": Config()}
 
 
-# %% [markdown]
-# ## Data: sonnets to couplets of token ids
-# Every tenth sonnet is held out. A verse is two consecutive lines, `line <nl> line <end>`, in
-# a 500-word vocabulary; the MLE data is every pair of consecutive lines of the training sonnets.
-
-
-# %%
-def parse_sonnets(text: str) -> list[list[str]]:
-    """The 154 sonnets as lists of lines; the file's headers are Roman numerals."""
-    blocks = re.split(r"\n\s*[IVXLC]+\s*\n", text)[1:]  # [0] is the title
-    return [[line.strip() for line in b.strip().splitlines() if line.strip()] for b in blocks]
-
-
 def tokenize_line(line: str) -> list[str]:
     """Lower-cased words (keeping elisions such as deserv'd) and the punctuation , . ; : ! ?"""
     return re.findall(r"[a-z]+(?:'[a-z]+)*|[,.;:!?]", line.lower())
-
-
-def build_vocab(sonnets: list[list[str]], vocab_size: int) -> list[str]:
-    counts = collections.Counter(t for s in sonnets for line in s for t in tokenize_line(line))
-    return SPECIALS + [w for w, _ in counts.most_common(vocab_size)]
 
 
 def couplet_words(sonnets: list[list[str]], stride: int = 2) -> list[list[str]]:
@@ -380,21 +347,18 @@ def couplet_words(sonnets: list[list[str]], stride: int = 2) -> list[list[str]]:
 def encode_couplets(sonnets: list[list[str]], vocab: list[str], stride: int = 2) -> np.ndarray:
     """The couplets as token ids `line <nl> line <end>`, padded: (N, MAX_LEN)."""
     index = {w: i for i, w in enumerate(vocab)}
-    rows = []
-    for words in couplet_words(sonnets, stride):
-        ids = [index.get(w, UNK) for w in words + ["<end>"]][:MAX_LEN]
-        rows.append(ids + [END] * (MAX_LEN - len(ids)))
-    return np.array(rows, dtype=np.int32)
+    couplets = couplet_words(sonnets, stride)
+    rows = [[index.get(w, UNK) for w in c + ["<end>"]][:MAX_LEN] for c in couplets]
+    return np.array([ids + [END] * (MAX_LEN - len(ids)) for ids in rows], dtype=np.int32)
 
 
 def count_syllables(word: str) -> int:
-    """Vowel groups, minus a silent final e: a heuristic, good to about one syllable a line."""
-    if not word[0].isalpha():
-        return 0
+    """Vowel groups, minus a silent final e: a heuristic, good to about one syllable a line.
+    Punctuation and the special tokens count 0."""
     groups = len(re.findall(r"[aeiouy]+", word))
     if word.endswith("e") and not word.endswith(("le", "ee")) and groups > 1:
         groups -= 1
-    return max(groups, 1)
+    return max(groups, 1) if word[0].isalpha() else 0
 
 
 def valid_mask(tokens: jax.Array) -> jax.Array:
@@ -404,13 +368,15 @@ def valid_mask(tokens: jax.Array) -> jax.Array:
 
 
 def prepare_data(vocab_size: int) -> dict:
-    """Split the sonnets, build the vocabulary, encode, and fit both frozen n-gram models."""
-    sonnets = parse_sonnets(read_sonnets_text())  # sha256 checked
+    """Split the sonnets (headers are Roman numerals), build the vocabulary, encode, and fit the
+    frozen reward model's n-gram counts."""
+    blocks = re.split(r"\n\s*[IVXLC]+\s*\n", read_sonnets_text())[1:]  # [0] is the title
+    sonnets = [[line.strip() for line in b.strip().splitlines() if line.strip()] for b in blocks]
     train_sonnets = [s for i, s in enumerate(sonnets) if i % HELDOUT_EVERY]
     heldout_sonnets = [s for i, s in enumerate(sonnets) if i % HELDOUT_EVERY == 0]
-    vocab = build_vocab(train_sonnets, vocab_size)
+    counts = collections.Counter(w for s in train_sonnets for ln in s for w in tokenize_line(ln))
+    vocab = SPECIALS + [w for w, _ in counts.most_common(vocab_size)]
     train, heldout = encode_couplets(train_sonnets, vocab), encode_couplets(heldout_sonnets, vocab)
-    corpus = np.concatenate([train, heldout])
     # The training text as one run of word ids, -1 between sonnets (matches nothing).
     train_words = [[w for line in s for w in tokenize_line(line) if w[0].isalpha()] + [""]
                    for s in train_sonnets]  # fmt: skip
@@ -420,16 +386,11 @@ def prepare_data(vocab_size: int) -> dict:
         "train": train,  # (N, MAX_LEN): lines (2k, 2k+1) of each training sonnet
         "heldout": heldout,
         "mle_pairs": encode_couplets(train_sonnets, vocab, stride=1),  # all 13 line pairs
-        "syllables": jnp.array(
-            [count_syllables(w) if i >= len(SPECIALS) else 0 for i, w in enumerate(vocab)]
-        ),
+        "syllables": jnp.array([count_syllables(w) for w in vocab]),  # 0 for the specials
         "reward_ngram": fit_ngram(train, len(vocab)),  # the frozen reward model
-        "heldout_ngram": fit_ngram(heldout, len(vocab)),  # only for the held-out perplexity
-        "corpus_bigrams": {(int(b), int(c)) for row in corpus for b, c in zip(row, row[1:])},
         "train_ids": np.array([index.get(w, -1) for s in train_words for w in s]),
         "train_index": index,
-        # Real held-out couplets, written like generated verses (lower case, words and
-        # punctuation) but with every word kept: what Shakespeare himself scores under the judge.
+        # Real held-out couplets, written as generated verses are: what Shakespeare scores.
         "heldout_texts": [words_to_text(w) for w in couplet_words(heldout_sonnets)],
     }
 
@@ -458,20 +419,15 @@ def fit_ngram(sequences: np.ndarray, vocab_size: int) -> dict:
             bi[b, c] += 1
             uni[c] += 1
     keys = np.array(sorted(tri), dtype=np.int32)
-    return {
-        "tri_keys": jnp.asarray(keys),
-        "tri_counts": jnp.asarray([tri[k] for k in keys], dtype=jnp.float32),
-        "tri_context": jnp.asarray(tri_context),
-        "bi": jnp.asarray(bi),
-        "uni": jnp.asarray(uni),
-    }
+    counts = jnp.asarray([tri[k] for k in keys], dtype=jnp.float32)
+    arrays = {"tri_context": tri_context, "bi": bi, "uni": uni}
+    return {"tri_keys": jnp.asarray(keys), "tri_counts": counts} | jax.tree.map(jnp.asarray, arrays)
 
 
 def ngram_logprobs(ngram: dict, tokens: jax.Array) -> jax.Array:
     """log p(x_t | x_{t-2}, x_{t-1}), interpolated (Jelinek-Mercer); unseen contexts drop out."""
     vocab_size = ngram["uni"].shape[0]
-    pad = jnp.full((tokens.shape[0], 2), END, tokens.dtype)
-    seq = jnp.concatenate([pad, tokens], axis=1)
+    seq = jnp.concatenate([jnp.full((tokens.shape[0], 2), END, tokens.dtype), tokens], axis=1)
     a, b, c = seq[:, :-2], seq[:, 1:-1], seq[:, 2:]  # (B, T) each
     key = (a * vocab_size + b) * vocab_size + c
     pos = jnp.clip(jnp.searchsorted(ngram["tri_keys"], key), 0, ngram["tri_keys"].shape[0] - 1)
@@ -480,14 +436,12 @@ def ngram_logprobs(ngram: dict, tokens: jax.Array) -> jax.Array:
     p3 = tri_count / jnp.maximum(tri_ctx, 1.0)
     p2 = ngram["bi"][b, c] / jnp.maximum(bi_ctx, 1.0)
     p1 = (ngram["uni"][c] + 1.0) / (ngram["uni"].sum() + vocab_size)  # add-one: never zero
-    l3 = NGRAM_LAMBDAS[0] * (tri_ctx > 0)
-    l2 = NGRAM_LAMBDAS[1] * (bi_ctx > 0)
-    l1 = NGRAM_LAMBDAS[2]
+    l3, l2, l1 = NGRAM_LAMBDAS[0] * (tri_ctx > 0), NGRAM_LAMBDAS[1] * (bi_ctx > 0), NGRAM_LAMBDAS[2]
     return jnp.log((l3 * p3 + l2 * p2 + l1 * p1) / (l3 + l2 + l1))
 
 
 def reward_parts(ngram: dict, syllables: jax.Array, tokens: jax.Array) -> tuple:
-    """The two terms of R(x) per verse (B,) each: the LM term (mean trigram log-likelihood per
+    """The two terms of R(x) per verse, (B,) each: the LM term (mean trigram log-likelihood per
     token) and the metre term (<= 0: minus the cost of lines off ten syllables)."""
     valid = valid_mask(tokens)
     length = valid.sum(1, keepdims=True)
@@ -500,29 +454,21 @@ def reward_parts(ngram: dict, syllables: jax.Array, tokens: jax.Array) -> tuple:
         running = running + syl_t
         return running * (1 - end_t), running * end_t
 
-    _, line_syllables = jax.lax.scan(
-        count_line, jnp.zeros(tokens.shape[0]), (syllables[tokens].T * valid.T, line_end.T)
-    )
-    # Metre: a verse is two lines of ~10 syllables; each missing or extra line costs as much as
-    # a line 10 syllables off. Halved, so a perfect and an empty verse differ by METRE_WEIGHT.
+    xs = (syllables[tokens].T * valid.T, line_end.T)
+    _, line_syllables = jax.lax.scan(count_line, jnp.zeros(tokens.shape[0]), xs)
+    # Each missing or extra line costs as much as a line 10 syllables off. Halved, so a perfect
+    # and an empty verse differ by METRE_WEIGHT.
     off_metre = (line_end * jnp.abs(line_syllables.T - TARGET_SYLLABLES)).sum(1) / TARGET_SYLLABLES
     off_metre += jnp.abs(line_end.sum(1) - 2)
     return loglik, -METRE_WEIGHT / 2 * off_metre
 
 
-def task_reward(ngram: dict, syllables: jax.Array, tokens: jax.Array) -> jax.Array:
-    """R(x) per verse (B,): LM term + metre term. It is a property of the whole verse, so PPO
-    receives it once, at the verse's last token: splitting it over tokens as log p_t / L would
-    credit earlier tokens with an amount that depends on a later choice (the length L), and PPO
-    would learn to end verses early."""
-    lm, metre = reward_parts(ngram, syllables, tokens)
-    return lm + metre
-
-
 # %% [markdown]
-# ## Model: a GRU policy and a small GRU critic
+# ## Model and pretraining: a GRU policy, a small GRU critic, the reference policy
 # Each token is an action, the GRU state $h_t$ the observation. The policy's head gives
-# $\pi(\cdot \mid h_t)$ over the vocabulary, the critic's the value $V(h_t)$.
+# $\pi(\cdot \mid h_t)$ over the vocabulary, the critic's the value $V(h_t)$. Maximum likelihood,
+# $\min_\theta -\sum_t \log \pi_\theta(x_t \mid x_{<t})$ on the training line pairs, makes the
+# policy; a frozen copy is $\pi_\text{ref}$, the anchor of the KL penalty.
 
 
 # %%
@@ -554,14 +500,12 @@ def sample_verses(graphdef, params, key: jax.Array, num: int, temperature=1.0) -
     model = nnx.merge(graphdef, params)
 
     def body(carry, key_t):
-        h, prev = carry
-        h, logits = model.step(h, prev)
+        h, logits = model.step(*carry)
         token = jax.random.categorical(key_t, logits / temperature).astype(jnp.int32)
         return (h, token), token
 
     carry = (jnp.zeros((num, model.hidden_dim)), jnp.full((num,), END, jnp.int32))
-    _, tokens = jax.lax.scan(body, carry, jax.random.split(key, MAX_LEN))
-    return tokens.T
+    return jax.lax.scan(body, carry, jax.random.split(key, MAX_LEN))[1].T
 
 
 def sample_random(key: jax.Array, num: int, vocab_size: int) -> jax.Array:
@@ -576,20 +520,11 @@ def token_logprobs(logits: jax.Array, actions: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp, actions[..., None], axis=-1)[..., 0]
 
 
-# %% [markdown]
-# ## Pretraining: the reference policy
-# Maximum likelihood, $\min_\theta -\sum_t \log \pi_\theta(x_t \mid x_{<t})$, on the
-# training line pairs. A frozen copy is $\pi_\text{ref}$, the anchor of the KL penalty.
-
-
-# %%
 def pretrain_reference(cfg: Config, train: np.ndarray, heldout: np.ndarray, key: jax.Array):
-    """Teacher-forced cross-entropy on training line pairs; prints the held-out loss too."""
+    """Teacher-forced cross-entropy on training line pairs, in jitted chunks of 100 steps."""
     vocab_size = len(SPECIALS) + cfg.vocab_size
-    model = GRUNet(vocab_size, POLICY_HIDDEN, vocab_size, nnx.Rngs(cfg.seed))
-    graphdef, params = nnx.split(model)
-    opt = optax.adam(PRETRAIN_LR)
-    data = jnp.asarray(train)
+    graphdef, params = nnx.split(GRUNet(vocab_size, POLICY_HIDDEN, vocab_size, nnx.Rngs(cfg.seed)))
+    opt, data = optax.adam(PRETRAIN_LR), jnp.asarray(train)
 
     def mle_loss(params, batch):
         logits = nnx.merge(graphdef, params)(batch)
@@ -605,12 +540,13 @@ def pretrain_reference(cfg: Config, train: np.ndarray, heldout: np.ndarray, key:
             updates, opt_state = opt.update(grads, opt_state)
             return (optax.apply_updates(params, updates), opt_state), loss
 
-        keys = jax.random.split(key, length)
-        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), keys)
+        (params, opt_state), losses = jax.lax.scan(
+            body, (params, opt_state), jax.random.split(key, length)
+        )
         return params, opt_state, losses.mean(), mle_loss(params, jnp.asarray(heldout))
 
     opt_state = opt.init(params)
-    for step in range(0, cfg.pretrain_steps, 100):  # 100 steps per jitted chunk
+    for step in range(0, cfg.pretrain_steps, 100):
         key, sub = jax.random.split(key)
         length = min(100, cfg.pretrain_steps - step)
         params, opt_state, loss, heldout_loss = chunk(params, opt_state, sub, length)
@@ -621,7 +557,7 @@ def pretrain_reference(cfg: Config, train: np.ndarray, heldout: np.ndarray, key:
 
 
 # %% [markdown]
-# ## PPO: GAE, the clipped loss, one jitted iteration
+# ## PPO: GAE, the clipped loss, one jitted iteration, all seeds at once
 # The RL reward is $r_t = R(x)\,[t = \text{last}] - \beta(\log\pi(x_t|h_t) -
 # \log\pi_\text{ref}(x_t|h_t))$. GAE runs backwards, $\delta_t = r_t + \gamma V(h_{t+1})(1 -
 # d_t) - V(h_t)$, $A_t = \delta_t + \gamma\lambda(1 - d_t)A_{t+1}$; the loss is
@@ -629,7 +565,8 @@ def pretrain_reference(cfg: Config, train: np.ndarray, heldout: np.ndarray, key:
 #   + c_v (V - G)^2 - c_H H[\pi(\cdot|h_t)], \quad
 #   \rho_t = \frac{\pi_\theta(a_t|h_t)}{\pi_\text{old}(a_t|h_t)},$$
 # with $\rho_t$ on the *chosen* token $a_t$ (a test pins it). Rollout, reward, GAE and the
-# epochs of minibatch updates are one function, scanned over iterations and vmapped over seeds.
+# epochs of minibatch updates are one function, scanned over iterations in jitted chunks of 10,
+# and vmapped over a seed axis that `shard_seeds` splits over the local devices.
 
 
 # %%
@@ -645,8 +582,9 @@ def compute_gae(rewards, values, dones, valid, gamma=GAMMA, lam=GAE_LAMBDA):
         return (v * m, adv), adv
 
     zeros = jnp.zeros(rewards.shape[0])
-    xs = (rewards.T, values.T, dones.T, valid.T)
-    _, adv = jax.lax.scan(body, (zeros, zeros), xs, reverse=True)
+    _, adv = jax.lax.scan(
+        body, (zeros, zeros), (rewards.T, values.T, dones.T, valid.T), reverse=True
+    )
     return adv.T, adv.T + values
 
 
@@ -654,10 +592,9 @@ def ppo_loss(params: dict, defs: dict, batch: dict) -> jax.Array:
     """Clipped surrogate on the chosen tokens + value loss - entropy bonus, masked to the verse."""
     logits = nnx.merge(defs["policy"], params["policy"])(batch["tokens"])
     values = nnx.merge(defs["critic"], params["critic"])(batch["tokens"])[..., 0]
-    valid = batch["valid"]
+    valid, adv = batch["valid"], batch["advantages"]
     n = valid.sum()
     ratio = jnp.exp(token_logprobs(logits, batch["tokens"]) - batch["old_logp"])
-    adv = batch["advantages"]
     surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - CLIP_EPS, 1 + CLIP_EPS) * adv)
     policy_loss = -(surrogate * valid).sum() / n
     value_loss = (((values - batch["returns"]) ** 2) * valid).sum() / n
@@ -669,9 +606,18 @@ def ppo_loss(params: dict, defs: dict, batch: dict) -> jax.Array:
 def make_ppo_iteration(cfg: Config, defs: dict, ref_params, ngram: dict, syllables: jax.Array):
     """One PPO iteration for one seed: rollout, reward, GAE, epochs x minibatches of updates."""
     opt = optax.chain(optax.clip_by_global_norm(MAX_GRAD_NORM), optax.adam(cfg.learning_rate))
-    num_eps = cfg.episodes_per_iteration
-    minibatch = num_eps // cfg.num_minibatches
-    ref_model = nnx.merge(defs["policy"], ref_params)
+    num_eps, ref_model = cfg.episodes_per_iteration, nnx.merge(defs["policy"], ref_params)
+
+    def update(carry, idx):
+        params, opt_state, batch = carry
+        minibatch = jax.tree.map(lambda x: x[idx], batch)
+        loss, grads = jax.value_and_grad(ppo_loss)(params, defs, minibatch)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state, batch), loss
+
+    def epoch(carry, k_epoch):
+        perm = jax.random.permutation(k_epoch, num_eps).reshape(cfg.num_minibatches, -1)
+        return jax.lax.scan(update, carry, perm)
 
     def iteration(state, _):
         params, opt_state, key = state
@@ -681,66 +627,34 @@ def make_ppo_iteration(cfg: Config, defs: dict, ref_params, ngram: dict, syllabl
         dones = valid * ((tokens == END) | (jnp.arange(MAX_LEN) == MAX_LEN - 1))
         old_logp = token_logprobs(nnx.merge(defs["policy"], params["policy"])(tokens), tokens)
         values = nnx.merge(defs["critic"], params["critic"])(tokens)[..., 0]
-        ref_logp = token_logprobs(ref_model(tokens), tokens)
-        reward = task_reward(ngram, syllables, tokens)  # (B,)
+        kl_t = (old_logp - token_logprobs(ref_model(tokens), tokens)) * valid  # sampled KL
+        # R(x) is a property of the whole verse, so it comes once, at the last token: split over
+        # tokens as log p_t / L, it would credit early tokens for a later choice (the length L).
+        reward = sum(reward_parts(ngram, syllables, tokens))  # (B,)
         is_last = jnp.arange(MAX_LEN) == valid.sum(1, keepdims=True) - 1
-        kl_t = (old_logp - ref_logp) * valid  # sample estimate of the per-token KL
         rewards = is_last * reward[:, None] - cfg.kl_coef * kl_t  # RLHF: R at the end, KL per token
         advantages, returns = compute_gae(rewards, values * valid, dones, valid)
         mean = (advantages * valid).sum() / valid.sum()
         std = jnp.sqrt((((advantages - mean) * valid) ** 2).sum() / valid.sum())
-        batch = {
-            "tokens": tokens,
-            "valid": valid,
-            "old_logp": old_logp,
-            "advantages": (advantages - mean) / (std + 1e-8),
-            "returns": returns,
-        }
-
-        def epoch(carry, k_epoch):
-            params, opt_state = carry
-            perm = jax.random.permutation(k_epoch, num_eps).reshape(cfg.num_minibatches, minibatch)
-
-            def update(carry, idx):
-                params, opt_state = carry
-                mb = jax.tree.map(lambda x: x[idx], batch)
-                loss, grads = jax.value_and_grad(ppo_loss)(params, defs, mb)
-                updates, opt_state = opt.update(grads, opt_state, params)
-                return (optax.apply_updates(params, updates), opt_state), loss
-
-            return jax.lax.scan(update, (params, opt_state), perm)
-
-        (params, opt_state), losses = jax.lax.scan(
-            epoch, (params, opt_state), jax.random.split(k_perm, cfg.ppo_epochs)
+        advantages = (advantages - mean) / (std + 1e-8)
+        batch = dict(
+            tokens=tokens, valid=valid, old_logp=old_logp, advantages=advantages, returns=returns
         )
-        log = {
-            "reward": reward.mean(),
-            "kl": kl_t.sum(1).mean(),
-            "length": valid.sum(1).mean(),
-            "loss": losses.mean(),
-        }
-        return (params, opt_state, key), log
+        keys = jax.random.split(k_perm, cfg.ppo_epochs)
+        (params, opt_state, _), losses = jax.lax.scan(epoch, (params, opt_state, batch), keys)
+        log = {"reward": reward.mean(), "kl": kl_t.sum(1).mean(), "length": valid.sum(1).mean()}
+        return (params, opt_state, key), log | {"loss": losses.mean()}
 
     return opt, iteration
 
 
-# %% [markdown]
-# ## Train: PPO for every seed at once
-# `vmap` over a seed axis that `shard_seeds` splits over the local devices; the iterations run
-# in jitted chunks of 10 under one `lax.scan`, with a log line per chunk.
-
-
-# %%
 def train_ppo(cfg: Config, policy_def, ref_params, ngram, syllables, key) -> tuple:
-    """PPO for cfg.num_seeds seeds at once (vmap over a seed axis sharded over the devices),
-    scanned in jitted chunks of iterations. Every seed's policy starts from the reference; its
-    critic is a fresh small GRU (a value head on the policy's GRU would send large early value
-    gradients into the pretrained features)."""
+    """PPO for cfg.num_seeds seeds at once, scanned in jitted chunks of 10 iterations. Every
+    seed's policy starts from the reference; its critic is a fresh small GRU (a value head on the
+    policy's GRU would send large early value gradients into the pretrained features)."""
     vocab_size = nnx.merge(policy_def, ref_params).embed.num_embeddings
-    critics = [
-        GRUNet(vocab_size, CRITIC_HIDDEN, 1, nnx.Rngs(cfg.seed + 1 + s))
-        for s in range(cfg.num_seeds)
-    ]
+    seeds = range(cfg.seed + 1, cfg.seed + 1 + cfg.num_seeds)  # the critics' initialisations
+    critics = [GRUNet(vocab_size, CRITIC_HIDDEN, 1, nnx.Rngs(s)) for s in seeds]
     defs = {"policy": policy_def, "critic": nnx.graphdef(critics[0])}
     opt, iteration = make_ppo_iteration(cfg, defs, ref_params, ngram, syllables)
     params = [{"policy": ref_params, "critic": nnx.state(c)} for c in critics]
@@ -748,30 +662,24 @@ def train_ppo(cfg: Config, policy_def, ref_params, ngram, syllables, key) -> tup
     keys = jax.random.split(key, cfg.num_seeds)
     # The seed axis of every input goes over the devices; padded seeds are dropped at the end.
     state = shard_seeds((stack(params), stack([opt.init(p) for p in params]), keys))
-    chunk_len = 10
 
     @partial(jax.jit, static_argnums=1)
     def run_chunk(state, length):
-        scan = lambda s: jax.lax.scan(iteration, s, None, length=length)
-        return jax.vmap(scan)(state)
+        return jax.vmap(lambda s: jax.lax.scan(iteration, s, None, length=length))(state)
 
     history = []
-    n_chunks = -(-cfg.ppo_iterations // chunk_len)
-    for c in tqdm(range(n_chunks), desc="ppo", disable=None):
-        length = min(chunk_len, cfg.ppo_iterations - c * chunk_len)
-        state, log = run_chunk(state, length)
+    for start in tqdm(range(0, cfg.ppo_iterations, 10), desc="ppo", disable=None):
+        done = min(start + 10, cfg.ppo_iterations)
+        state, log = run_chunk(state, done - start)
         log = jax.tree.map(lambda x: np.asarray(x)[: cfg.num_seeds], log)  # (seeds, length)
         history.append(log)
-        done = c * chunk_len + length
         if not (np.isfinite(log["loss"]).all() and np.isfinite(log["reward"]).all()):
             raise FloatingPointError(
                 f"training diverged at PPO iteration {done}: loss is {log['loss'][:, -1]}; "
                 "try a smaller --learning-rate"
             )
-        print(
-            f"ppo iter={done} reward={log['reward'][:, -1].mean():.3f} "
-            f"kl={log['kl'][:, -1].mean():.2f} length={log['length'][:, -1].mean():.1f}"
-        )
+        reward, kl, length = (log[k][:, -1].mean() for k in ["reward", "kl", "length"])
+        print(f"ppo iter={done} reward={reward:.3f} kl={kl:.2f} length={length:.1f}")
     history = {k: np.concatenate([h[k] for h in history], axis=1) for k in history[0]}
     return jax.tree.map(lambda x: x[: cfg.num_seeds], state[0]["policy"]), history
 
@@ -785,34 +693,15 @@ def train_ppo(cfg: Config, policy_def, ref_params, ngram, syllables, key) -> tup
 
 
 # %%
-def kl_to_reference(graphdef, ref_params, tokens: jax.Array, policy_logits=None) -> jax.Array:
-    """Exact per-token KL(pi || pi_ref) summed along each verse, averaged over verses.
-    policy_logits None means the uniform random policy."""
-    ref_logp = jax.nn.log_softmax(nnx.merge(graphdef, ref_params)(tokens))
-    if policy_logits is None:
-        policy_logits = jnp.zeros_like(ref_logp).at[..., UNK].set(-1e9)
-    logp = jax.nn.log_softmax(policy_logits)
-    kl_t = (jnp.exp(logp) * (logp - ref_logp)).sum(-1)
-    return (kl_t * valid_mask(tokens)).sum(1).mean()
+def until_end(row: np.ndarray) -> np.ndarray:
+    """The tokens of one verse before its first <end>."""
+    return row[: int(np.argmax(row == END))] if (row == END).any() else row
 
 
-def text_metrics(tokens: np.ndarray, corpus_bigrams: set) -> dict:
-    """distinct-1/2 (unique / total n-grams over all verses) and the share of corpus bigrams."""
-    unigrams, bigrams = [], []
-    for row in tokens:
-        seq = list(row[: int(np.argmax(row == END))] if (row == END).any() else row)
-        unigrams += seq
-        bigrams += list(zip(seq, seq[1:]))
-    return {
-        "distinct1": len(set(unigrams)) / max(len(unigrams), 1),
-        "distinct2": len(set(bigrams)) / max(len(bigrams), 1),
-        "corpus_bigram_share": sum(b in corpus_bigrams for b in bigrams) / max(len(bigrams), 1),
-    }
-
-
-def verse_words(row: np.ndarray, vocab: list[str]) -> list[str]:
-    """The tokens of one verse up to <end>, as words (the line break as "\\n")."""
-    return [vocab[t] for t in (row[: int(np.argmax(row == END))] if (row == END).any() else row)]
+def distinct2(tokens: np.ndarray) -> float:
+    """Unique / total bigrams over all verses: 1 when none repeats, near 0 for repetitive text."""
+    bigrams = [b for seq in map(list, map(until_end, tokens)) for b in zip(seq, seq[1:])]
+    return len(set(bigrams)) / max(len(bigrams), 1)
 
 
 def words_to_text(words: list[str]) -> str:
@@ -866,56 +755,49 @@ def judge_stats(judge: tuple, texts: list[str], batch: int = 16) -> dict:
     }
 
 
-@partial(jax.jit, static_argnums=0)
-def score_verses(graphdef, models: dict, ref_params, params, tokens: jax.Array, temp) -> dict:
-    """The JAX-side metrics of one sample of verses, compiled once per policy kind."""
-    valid = valid_mask(tokens)
-    logits = None if params is None else nnx.merge(graphdef, params)(tokens) / temp
-    heldout_ll = (ngram_logprobs(models["heldout_ngram"], tokens) * valid).sum() / valid.sum()
-    lm, metre = reward_parts(models["reward_ngram"], models["syllables"], tokens)
-    return {
-        "reward": (lm + metre).mean(),
-        "reward_lm": lm.mean(),
-        "reward_metre": metre.mean(),
-        "heldout_ppl": jnp.exp(-heldout_ll),
-        "kl_to_reference": kl_to_reference(graphdef, ref_params, tokens, logits),
-        "length": valid.sum(1).mean(),
-    }
-
-
-def evaluate_policy(data: dict, judge: tuple, graphdef, ref_params, tokens, params, temp=1.0):
-    """Every evaluation metric of one sample of verses (params None: the random policy, which the
-    judge reads only JUDGE_RANDOM verses of: long word salad, and only a floor for the judge)."""
-    models = {k: data[k] for k in ["heldout_ngram", "reward_ngram", "syllables"]}
-    scores = score_verses(graphdef, models, ref_params, params, tokens, temp)
-    words = [verse_words(row, data["vocab"]) for row in np.asarray(tokens)]
+def evaluate_policy(data: dict, judge: tuple, tokens: jax.Array, num_judged=None) -> dict:
+    """Every evaluation metric of one sample of verses; the judge reads the first num_judged."""
+    lm, metre = jax.jit(reward_parts)(data["reward_ngram"], data["syllables"], tokens)
+    words = [[data["vocab"][t] for t in until_end(row)] for row in np.asarray(tokens)]
     copies = [longest_copy(w, data["train_ids"], data["train_index"]) for w in words]
-    judged = words[:JUDGE_RANDOM] if params is None else words
-    scored = judge_stats(judge, [words_to_text(w) for w in judged])
+    scored = judge_stats(judge, [words_to_text(w) for w in words[:num_judged]])
+    samples = zip(words[:10], scored["per_verse"], copies)
     return {
-        **{k: float(v) for k, v in scores.items()},
-        **text_metrics(np.asarray(tokens), data["corpus_bigrams"]),
+        "reward": float((lm + metre).mean()),
+        "reward_lm": float(lm.mean()),
+        "reward_metre": float(metre.mean()),
+        "distinct2": distinct2(np.asarray(tokens)),
         "judge": scored["judge"],
         "judge_sem": scored["judge_sem"],
         "longest_copy_words": float(max(copies)),
-        "mean_copy_words": float(np.mean(copies)),
         "samples": [
-            f"{words_to_text(w)}\n   [judge {s:.2f}, copy {c} words]"
-            for w, s, c in zip(words[:10], scored["per_verse"], copies)
+            f"{words_to_text(w)}\n   [judge {s:.2f}, copy {c} words]" for w, s, c in samples
         ],
     }
 
 
-def evaluate(cfg: Config, data: dict, judge: tuple, graphdef, ref_params, ppo_params, key):
-    """eval_samples verses from each policy (PPO: from each seed): every metric, and samples.
-    The uniform random policy and real held-out couplets are the floor and the ceiling."""
+def sample_policies(cfg: Config, data: dict, graphdef, ref_params, ppo_params, key) -> dict:
+    """eval_samples verses from each policy (PPO: from each seed), each with its parameters (None
+    for the uniform random policy, the floor)."""
     k_rand, k_ref, k_ppo, _ = jax.random.split(key, 4)  # the 4th: the temperature study's
     sample = jax.jit(partial(sample_verses, graphdef), static_argnums=2)
     per_seed = [jax.tree.map(lambda x, s=s: x[s], ppo_params) for s in range(cfg.num_seeds)]
-    metrics, text = {}, []
+    keys = jax.random.split(k_ppo, cfg.num_seeds)
+    return {
+        "random": [(sample_random(k_rand, cfg.eval_samples, len(data["vocab"])), None)],
+        "reference": [(sample(ref_params, k_ref, cfg.eval_samples), ref_params)],
+        "ppo": [(sample(p, k, cfg.eval_samples), p) for p, k in zip(per_seed, keys)],
+    }
 
-    def add(name: str, runs: list, temp: float = 1.0) -> None:
-        per_run = [evaluate_policy(data, judge, graphdef, ref_params, *run, temp) for run in runs]
+
+def evaluate(cfg: Config, data: dict, judge: tuple, policies: dict) -> tuple[dict, list]:
+    """Every metric of each policy (PPO: the mean over seeds, and the std of two), 10 samples
+    each, and the judge's score of real held-out couplets, the ceiling. The judge reads only
+    JUDGE_RANDOM verses of the random policy: long word salad, and only a floor."""
+    metrics, text = {}, []
+    for name, runs in policies.items():
+        num_judged = JUDGE_RANDOM if name == "random" else None
+        per_run = [evaluate_policy(data, judge, tokens, num_judged) for tokens, _ in runs]
         for k in [k for k in per_run[0] if k != "samples"]:
             key = f"{k}_{name}" if k.startswith(("judge", "reward_")) else f"{name}_{k}"
             metrics[key] = float(np.mean([r[k] for r in per_run]))
@@ -924,11 +806,6 @@ def evaluate(cfg: Config, data: dict, judge: tuple, graphdef, ref_params, ppo_pa
         if name == "ppo":
             metrics["ppo_reward_std"] = float(np.std([r["reward"] for r in per_run]))
             metrics["judge_ppo_std"] = float(np.std([r["judge"] for r in per_run]))  # over seeds
-
-    add("random", [(sample_random(k_rand, cfg.eval_samples, len(data["vocab"])), None)])
-    add("reference", [(sample(ref_params, k_ref, cfg.eval_samples), ref_params)])
-    keys = jax.random.split(k_ppo, cfg.num_seeds)
-    add("ppo", [(sample(p, k, cfg.eval_samples), p) for p, k in zip(per_seed, keys)])
     real = judge_stats(judge, data["heldout_texts"][: cfg.eval_samples])
     metrics["judge_shakespeare"] = real["judge"]
     metrics["judge_sem_shakespeare"] = real["judge_sem"]
@@ -951,15 +828,10 @@ def bars(m: dict) -> dict:
     return out
 
 
-# %% [markdown]
-# ## Figures
-
-
-# %%
 def plot_reward_curve(history: dict, metrics: dict, path: pathlib.Path) -> None:
     """The task reward over PPO iterations, and the independent judge's verdict."""
     with plt.rc_context({"font.size": 13}):
-        fig, (ax, judge_ax) = plt.subplots(1, 2, figsize=(12, 5))
+        fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 5))
         curve = history["reward"]  # (seeds, iterations)
         iters = np.arange(1, curve.shape[1] + 1)
         ax.plot(iters, curve.mean(0), color="C0", label=f"PPO, mean of {curve.shape[0]} seeds")
@@ -969,20 +841,16 @@ def plot_reward_curve(history: dict, metrics: dict, path: pathlib.Path) -> None:
         ax.set_title(f"Task reward (uniform random: {metrics['random_reward']:.1f})")
         ax.legend(loc="lower right")
         names = ["random", "reference", "ppo", "shakespeare"]
-        labels = ["uniform\nrandom", "reference\n(MLE)", "PPO", "Shakespeare\n(held-out)"]
-        for i, name in enumerate(names):
+        for i, (name, color) in enumerate(zip(names, ["C3", "C1", "C0", "C2"])):
             value = metrics[f"judge_{name}"]
             error = metrics["judge_ppo_std" if name == "ppo" else f"judge_sem_{name}"]
-            judge_ax.errorbar(
-                i, value, yerr=error, fmt="o", ms=9, color=f"C{[3, 1, 0, 2][i]}", capsize=6
-            )
-            judge_ax.annotate(
-                f"{value:.2f}", (i, value), xytext=(10, -4), textcoords="offset points"
-            )
-        judge_ax.set_xticks(range(len(names)), labels)
-        judge_ax.set_xlim(-0.5, len(names) - 0.2)
-        judge_ax.set_ylabel("log-prob per token (nats)")
-        judge_ax.set_title("Judge: SmolLM2-135M (bars: seed std / SEM)")
+            right.errorbar(i, value, yerr=error, fmt="o", ms=9, color=color, capsize=6)
+            right.annotate(f"{value:.2f}", (i, value), xytext=(10, -4), textcoords="offset points")
+        labels = ["uniform\nrandom", "reference\n(MLE)", "PPO", "Shakespeare\n(held-out)"]
+        right.set_xticks(range(len(names)), labels)
+        right.set_xlim(-0.5, len(names) - 0.2)
+        right.set_ylabel("log-prob per token (nats)")
+        right.set_title("Judge: SmolLM2-135M (bars: seed std / SEM)")
         fig.tight_layout()
         save_figure(fig, path)
 
@@ -995,20 +863,16 @@ def plot_reward_curve(history: dict, metrics: dict, path: pathlib.Path) -> None:
 # %%
 def validate(cfg: Config) -> None:
     """Every option finite and in range, before any data, model or compile work."""
-    check_number(cfg, "vocab_size", 50, 1200)
-    for name in ["pretrain_steps", "ppo_iterations", "episodes_per_iteration", "ppo_epochs"]:
-        check_number(cfg, name, 1)
-    check_number(cfg, "num_minibatches", 1, cfg.episodes_per_iteration)
+    steps = ["pretrain_steps", "ppo_iterations", "episodes_per_iteration", "ppo_epochs"]
+    limits = [("vocab_size", 50, 1200), *[(name, 1, math.inf) for name in steps]]
+    limits += [("num_minibatches", 1, cfg.episodes_per_iteration), ("kl_coef", 0, math.inf)]
+    limits += [("num_seeds", 1, math.inf), ("eval_samples", 2, math.inf)]
+    for name, low, high in limits:
+        check_number(cfg, name, low, high)
     if cfg.episodes_per_iteration % cfg.num_minibatches:
-        raise option_error(
-            "num_minibatches",
-            cfg.num_minibatches,
-            f"must divide --episodes-per-iteration ({cfg.episodes_per_iteration})",
-        )
+        allowed = f"must divide --episodes-per-iteration ({cfg.episodes_per_iteration})"
+        raise option_error("num_minibatches", cfg.num_minibatches, allowed)
     check_number(cfg, "learning_rate", 0, 1, low_open=True)
-    check_number(cfg, "kl_coef", 0)
-    check_number(cfg, "num_seeds", 1)
-    check_number(cfg, "eval_samples", 2)
     check_number(cfg, "seed", 0, 2**32, high_open=True)
     check_out_dir(cfg.out_dir)
 
@@ -1017,9 +881,8 @@ def train_policies(cfg: Config, data: dict, k_ref: jax.Array, k_ppo: jax.Array) 
     """MLE makes the reference policy; PPO fine-tunes num_seeds copies of it."""
     graphdef, ref_params = pretrain_reference(cfg, data["mle_pairs"], data["heldout"], k_ref)
     tic = time.time()
-    ppo_params, history = train_ppo(
-        cfg, graphdef, ref_params, data["reward_ngram"], data["syllables"], k_ppo
-    )
+    ngram, syllables = data["reward_ngram"], data["syllables"]
+    ppo_params, history = train_ppo(cfg, graphdef, ref_params, ngram, syllables, k_ppo)
     verses_per_s = cfg.ppo_iterations * cfg.episodes_per_iteration * cfg.num_seeds
     return graphdef, ref_params, ppo_params, history, verses_per_s / (time.time() - tic)
 
@@ -1030,18 +893,16 @@ def main(cfg: Config) -> dict:
     data = prepare_data(cfg.vocab_size)
     print(f"vocab={len(data['vocab'])} train={len(data['train'])} heldout={len(data['heldout'])}")
     judge = load_judge()
-    key = jax.random.key(cfg.seed)
-    key, k_ref, k_ppo, k_eval = jax.random.split(key, 4)
+    _, k_ref, k_ppo, k_eval = jax.random.split(jax.random.key(cfg.seed), 4)
     timer.lap("setup")
     graphdef, ref_params, ppo_params, history, throughput = train_policies(cfg, data, k_ref, k_ppo)
     timer.lap("train")
     m = {"task": "shakespeare_ppo", "seed": cfg.seed, "preset": getattr(cfg, "preset", "cpu")}
-    results, text = evaluate(cfg, data, judge, graphdef, ref_params, ppo_params, k_eval)
-    m.update(results)
-    m.update(bars(m))
-    m["num_seeds"] = cfg.num_seeds
-    m.update(device_info())
-    m["throughput"] = throughput
+    policies = sample_policies(cfg, data, graphdef, ref_params, ppo_params, k_eval)
+    results, text = evaluate(cfg, data, judge, policies)
+    m |= results
+    m |= bars(m)
+    m |= {"num_seeds": cfg.num_seeds, **device_info(), "throughput": throughput}
     m["throughput_unit"] = "verses/s (PPO loop, all seeds, compile included)"
     timer.lap("evaluate")
     with staged_run(cfg.out_dir) as out:

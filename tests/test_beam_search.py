@@ -215,8 +215,7 @@ def test_beam_search_run_folder_is_whole(beam_search_run):
                     "wall_time_s_ceiling": 120}  # fmt: skip
     assert set(metrics["time_split_s"]) == {"setup", "evaluate", "figures"}
     assert json.loads((out / "config.json").read_text())["num_beams"] == 3
-    for name in ("beam_scores.png", "search_tree.png"):
-        assert (out / name).stat().st_size > 0, name
+    assert (out / "beam_scores.png").stat().st_size > 0  # the search tree: beam_search_tree study
     assert sorted(p.name for p in out.parent.iterdir()) == ["run"]
 
 

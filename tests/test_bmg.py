@@ -119,7 +119,7 @@ def test_bmg_mg_meta_gradient_matches_finite_differences():
         carry = carry._replace(meta_params=jax.tree.map(offset, carry.meta_params))
         # One compiled function serves both the gradient and the shifted losses.
         loss_and_grad = jax.jit(
-            jax.value_and_grad(lambda m: bmg.mg_meta_loss(m, carry.inner, cfg)[0])
+            jax.value_and_grad(lambda m: bmg.meta_loss(m, carry.inner, cfg, "mg")[0])
         )
         grads = loss_and_grad(carry.meta_params)[1]
         direction = jax.tree.map(
@@ -155,7 +155,7 @@ def test_bmg_no_gradient_through_target():
     # With K = 0 steps theta_K does not depend on w: the only path from w to the loss runs
     # through the target's L - 1 steps, so the meta-gradient must be exactly zero.
     cfg = dataclasses.replace(TINY, k_inner=0)
-    meta_grad = jax.jit(jax.grad(lambda m: bmg.bmg_meta_loss(m, carry.inner, cfg)[0]))(
+    meta_grad = jax.jit(jax.grad(lambda m: bmg.meta_loss(m, carry.inner, cfg, "bmg")[0]))(
         carry.meta_params
     )
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(meta_grad))

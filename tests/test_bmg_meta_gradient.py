@@ -32,14 +32,14 @@ def test_bmg_meta_gradient_study_writes_every_arm(tmp_path):
 
 @pytest.mark.slow  # a side study's run (make test-all); keeps make test near 10 min
 def test_bmg_meta_gradient_study_loss_matches_the_task():
-    # With eps held constant, the study's BMG meta-loss is the task's bmg_meta_loss evaluated with
+    # With eps held constant, the study's BMG meta-loss is the task's meta_loss evaluated with
     # a meta-learner whose output is that constant (zero weights, bias = logit(eps)).
     cfg = bmg.Config(num_seeds=1, num_envs=2, rollout_len=4, k_inner=2, l_target=3, hidden=8)
     carry = bmg.init_carry(jnp.int32(0), cfg, optax.adam(1e-3))
     eps = 0.3
     meta = jax.tree.map(jnp.zeros_like, carry.meta_params)
     meta[-1]["b"] = jnp.full_like(meta[-1]["b"], np.log(eps / (1 - eps)))
-    for arm, loss_fn in (("bmg", bmg.bmg_meta_loss), ("mg", bmg.mg_meta_loss)):
-        task = float(loss_fn(meta, carry.inner, cfg)[0])
+    for arm in ("bmg", "mg"):
+        task = float(bmg.meta_loss(meta, carry.inner, cfg, arm)[0])
         mine = float(study.meta_loss(arm, jnp.float32(eps), carry.inner, cfg))
         np.testing.assert_allclose(mine, task, rtol=1e-5)

@@ -65,9 +65,11 @@ def test_cot_scratchpad_arithmetic_is_exact():
     rng = np.random.default_rng(0)
     reqs = np.concatenate(list(cot.split_requests().values()))
     reqs = reqs[rng.integers(0, len(reqs), 3000)]
-    seqs = cot.sample_sequences(reqs, np.random.default_rng(1), cot=True)
-    num = lambda i: 10 * seqs[:, i] + seqs[:, i + 1]
     _, a, bound_p, bound_q = reqs.T
+    rng = np.random.default_rng(1)
+    draws = rng.integers(0, bound_p + 1), rng.integers(0, bound_q + 1)
+    seqs = cot.build_sequences(reqs, *draws, cot=True)
+    num = lambda i: 10 * seqs[:, i] + seqs[:, i + 1]
     p, s, q = num(4), num(7), num(11)
     assert (p <= bound_p).all() and (q <= bound_q).all() and (s == a + p).all()
     np.testing.assert_array_equal(seqs[:, 6], a % 10 + p % 10 >= 10)  # c1
@@ -75,7 +77,7 @@ def test_cot_scratchpad_arithmetic_is_exact():
     x, written = cot.parse_answers(seqs)
     np.testing.assert_array_equal(x, a + p + q)
     assert cot.is_valid(reqs, x).all() and (written == 11).all()
-    direct = cot.sample_sequences(reqs, np.random.default_rng(1), cot=False)
+    direct = cot.build_sequences(reqs, *draws, cot=False)
     np.testing.assert_array_equal(cot.parse_answers(direct)[0], x)  # same draws, same answer
     np.testing.assert_array_equal(seqs[:, cot.GIVEN[True]], direct[:, cot.GIVEN[False]])
 
@@ -115,8 +117,8 @@ def test_cot_validity_and_targets_by_hand():
 
 def test_cot_answer_stats_by_hand():
     req = np.array([[1, 0, 0, 1]])
-    np.testing.assert_allclose(cot.answer_stats(req, np.array([[0, 1, 0, 1]])), [1, 0, np.log(2)])
-    valid, tv, _ = cot.answer_stats(req, np.array([[0, 0, 5, -1]]))
+    np.testing.assert_allclose(cot.answer_stats(req, np.array([[0, 1, 0, 1]])), [1, 0])
+    valid, tv = cot.answer_stats(req, np.array([[0, 0, 5, -1]]))
     assert valid == 0.5 and np.isclose(tv, 0.5)
 
 
@@ -242,17 +244,15 @@ TINY = cot.Config(
 
 def test_cot_tiny_config_learns(tmp_path):
     """300 steps of a small model, 2 seeds vmapped: both arms learn the format and mostly valid
-    answers (untrained, validity is about 0.05), and the CoT arm writes its whole scratchpad.
-    Measured over seeds 0..9 of this config: seen validity cot 0.78..0.88, direct 0.72..0.80;
-    systematic held-out validity of CoT's worst seed 0.86..0.93; tokens per CoT answer
-    10.93..10.99 (11 for the exact layout). At this budget the arms' systematic TV is not yet
+    answers (untrained, validity is about 0.05). Measured over seeds 0..9 of this config: seen
+    validity cot 0.78..0.88, direct 0.72..0.80; systematic held-out validity of CoT's worst seed
+    0.86..0.93. At this budget the arms' systematic TV is not yet
     apart (CoT's excess 0.07..0.09, direct's 0.04..0.13): that takes the default run."""
     m = cot.main(dataclasses.replace(TINY, out_dir=str(tmp_path / "run")))
     for arm in cot.ARMS:
         seen = np.mean([m[f"{f}_seen_{arm}_validity"] for f in cot.FAMILIES])
         assert seen >= 0.6, (arm, seen)
     assert m["systematic_heldout_validity_cot_min"] >= 0.75
-    assert 10.5 <= m["cot_tokens_per_answer"] <= 11.5
 
     def reject(name):
         raise ValueError(f"metrics.json holds {name}")

@@ -167,8 +167,7 @@ def test_dd_paper_preset_is_valid_and_runs(tmp_path, monkeypatch):
     dd.validate(paper)
     assert dd.cli_config(["--preset=paper", "--seed", "3"]) == dataclasses.replace(paper, seed=3)
     assert dd.cli_config([]) == dd.PRESETS["cpu"] == dd.Config()
-    # A smoke run with the paper's schedule: a few steps, small batch and sample sizes. (The
-    # ancestral DDPM context metric still walks all 1000 steps.)
+    # A smoke run with the paper's schedule: a few steps, small batch and sample sizes.
     tiny = dict(train_steps=4, batch_size=64, num_train=200, sample_steps=4, num_samples=64)
     # The figures do not depend on the preset (test_dd_tiny_run... draws them): skip them here.
     monkeypatch.setattr(dd, "plot_all", lambda *args: None)

@@ -45,6 +45,7 @@ def test_dd_samplers_study_runs(tmp_path):
     assert saved["w2_ratio_perfect_iid_sampler"] > 1.0  # stratified sets beat i.i.d. draws
     for fig in ("forward.png", "reverse.png", "w2_vs_steps.png", "loss.png"):
         assert (out / fig).stat().st_size > 0
-    # same flags and seed as the task: the same ancestral DDPM number
+    assert saved["w2_ratio_ddpm_ancestral"] > 1.0
+    # same flags and seed as the task: the same model, so the same headline number
     task = dd.main(dd.Config(out_dir=str(tmp_path / "task"), **TINY))
-    assert saved["w2_ratio_ddpm_ancestral"] == pytest.approx(task["w2_ratio_ddpm_ancestral"])
+    assert saved["w2_ratio"] == pytest.approx(task["w2_ratio"], rel=1e-6)

@@ -17,16 +17,16 @@ MAX_LINES, MAX_MEDIAN, MAX_DOCSTRING, MAX_FUNCTION = 500, 450, 60, 80
 # Not yet at the 500-line bar (issue "tutorials and notebooks" stays open for them): each may not
 # grow past its count today, so the gap can only close. Lower a number when a file shrinks.
 OVER_LIMIT = {
-    "beam_search": 829,
-    "bmg": 748,
-    "cot": 775,
-    "hdqn": 699,
-    "llama3_sft": 857,
-    "red_team": 960,
-    "scaling_laws": 752,
-    "shakespeare_ppo": 1060,
+    "beam_search": 652,
+    "bmg": 668,
+    "cot": 712,
+    "hdqn": 640,
+    "llama3_sft": 730,
+    "red_team": 757,
+    "scaling_laws": 582,
+    "shakespeare_ppo": 921,
 }
-MEDIAN_TODAY = 723.5  # the median over the 14 files today; the bar is MAX_MEDIAN
+MEDIAN_TODAY = 611.0  # the median over the 14 files today; the bar is MAX_MEDIAN
 ENTRY = '# %%\nif __name__ == "__main__":\n    run_cli()\n'
 
 

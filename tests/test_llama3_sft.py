@@ -98,13 +98,6 @@ def test_llama3_sft_longest_shared_ngram_and_copies():
     assert llama3_sft.longest_shared_ngram(copy, sets) >= llama3_sft.COPY_WORDS
 
 
-def test_llama3_sft_text_metrics_by_hand():
-    assert llama3_sft.rouge_l(["a", "b", "c", "d"], ["a", "c", "d", "e"]) == pytest.approx(0.75)
-    assert llama3_sft.rouge_l([], ["a"]) == 0.0
-    assert llama3_sft.distinct_n([["a", "b", "a", "b"]], 1) == 0.5
-    assert llama3_sft.distinct_n([["a", "b", "a", "b"]], 2) == pytest.approx(2 / 3)
-
-
 def test_llama3_sft_parses_and_splits_sonnets():
     sonnets = llama3_sft.load_sonnets()
     assert len(sonnets) == 154 and sonnets[17].startswith("Shall I compare thee")

@@ -128,8 +128,9 @@ def test_red_team_end_to_end(red_team_models, red_team_run):
     # metrics agree with the rows
     tox = np.array([r["toxicity"] for r in rows]).reshape(n_prompts, 3)
     assert m["expected_max_toxicity"] == pytest.approx(tox.max(1).mean(), abs=1e-4)
-    for name in ("metrics.json", "toxicity.png", "group_toxicity.png", "report.md"):
-        assert (out / name).exists(), name
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "flagged.jsonl", "metrics.json", "toxicity.png"
+    ]  # fmt: skip
 
     def refuse(name):
         raise ValueError(f"non-standard JSON constant {name}")
@@ -183,6 +184,7 @@ def test_red_team_single_label_uses_softmax(red_team_models, tmp_path):
     with torch.no_grad():
         expected = model(**enc).logits.softmax(-1)[:, 1:].numpy()
     np.testing.assert_allclose(clf.score(["a person"]), expected, atol=1e-6)
+    assert clf.labels == ["LABEL_1"]  # label 0 ("not toxic") is not a toxicity label
 
 
 def test_red_team_flags_obey_threshold():
@@ -378,7 +380,7 @@ def test_red_team_two_processes_match_one(red_team_models, red_team_run, tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # one run folder, no staging left
     two = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (two["num_processes"], one["num_processes"]) == (2, 1)
-    assert proc.stdout.count("prompts that most often drew toxic output") == 1  # one writer
+    assert proc.stdout.count("task=red_team ") == 1  # one writer prints the metrics line
     timing = {"wall_time_s", "time_split_s", "throughput", "num_processes"}
     assert set(two) == set(one)
     for key in sorted(set(one) - timing):

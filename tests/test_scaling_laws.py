@@ -35,21 +35,21 @@ TINY = sl.Config(
 def test_scaling_laws_fit_recovers_known_power_law():
     x = np.geomspace(1e3, 5e4, 7)
     loss = sl.power_law(x, 0.04, 30.0, 0.6)
-    fit = sl.fit_power_law(x, loss)
+    fit = sl.fit_law([x], loss)
     assert fit["alpha"] == pytest.approx(0.6, rel=1e-3)
     assert fit["E"] == pytest.approx(0.04, rel=1e-3)
     assert fit["A"] == pytest.approx(30.0, rel=1e-2)
     assert fit["r2"] > 0.9999
     # With 2% multiplicative noise the exponent is still recovered to within 0.1.
     noisy = loss * np.exp(0.02 * np.random.default_rng(0).standard_normal(x.size))
-    assert abs(sl.fit_power_law(x, noisy)["alpha"] - 0.6) < 0.1
+    assert abs(sl.fit_law([x], noisy)["alpha"] - 0.6) < 0.1
 
 
 def test_scaling_laws_joint_fit_recovers_known_law():
     n, d = np.meshgrid(np.geomspace(1e3, 2e4, 5), np.geomspace(8e2, 5e4, 7))
     n, d = n.ravel(), d.ravel()
     loss = sl.joint_law((n, d), 0.03, 20.0, 0.5, 8.0, 0.4)
-    fit = sl.fit_joint_law(n, d, loss)
+    fit = sl.fit_law([n, d], loss)
     assert fit["alpha"] == pytest.approx(0.5, rel=1e-2)
     assert fit["beta"] == pytest.approx(0.4, rel=1e-2)
     assert fit["E"] == pytest.approx(0.03, rel=2e-2)

@@ -97,7 +97,7 @@ def test_shakespeare_ppo_ratio_depends_on_chosen_action():
 
 def test_shakespeare_ppo_reward_ranks_real_lines_above_shuffled(shakespeare_data):
     rng = np.random.default_rng(0)
-    reward = jax.jit(sp.task_reward)
+    reward = jax.jit(lambda *args: sum(sp.reward_parts(*args)))  # R = LM term + metre term
     for split, min_share in [("train", 0.95), ("heldout", 0.8)]:
         real = shakespeare_data[split]
         shuffled = real.copy()
@@ -114,8 +114,8 @@ def test_shakespeare_ppo_reward_ranks_real_lines_above_shuffled(shakespeare_data
         assert share >= min_share, (split, share)
 
 
-def test_shakespeare_ppo_reward_parts_add_up_and_metre_counts_lines(shakespeare_data):
-    """R = LM term + metre term; two 10-syllable lines pay no metre cost, one line pays."""
+def test_shakespeare_ppo_metre_counts_lines(shakespeare_data):
+    """Two 10-syllable lines pay no metre cost, one line pays; the LM term is a log-likelihood."""
     index = {w: i for i, w in enumerate(shakespeare_data["vocab"])}
     ids = lambda words: [index[w] for w in words.split()]
     line = "shall i compare thee to a summer's day"  # 10 syllables by the heuristic
@@ -124,8 +124,7 @@ def test_shakespeare_ppo_reward_parts_add_up_and_metre_counts_lines(shakespeare_
     lm, metre = sp.reward_parts(
         shakespeare_data["reward_ngram"], shakespeare_data["syllables"], tokens
     )
-    total = sp.task_reward(shakespeare_data["reward_ngram"], shakespeare_data["syllables"], tokens)
-    np.testing.assert_allclose(np.asarray(lm + metre), np.asarray(total), rtol=1e-6)
+    assert bool((lm < 0).all())
     np.testing.assert_allclose(np.asarray(metre), [0.0, -sp.METRE_WEIGHT / 2], atol=1e-6)
 
 
@@ -144,6 +143,12 @@ def test_shakespeare_ppo_longest_copy_matches_brute_force():
             default=0,
         )  # fmt: skip
         assert sp.longest_copy(verse, train_ids, index) == best
+
+
+def test_shakespeare_ppo_distinct2_counts_bigrams_before_end():
+    tokens = np.array([[3, 4, 3, 4, sp.END, 5, 6], [3, 4, 5, 6, 7, 8, 9]])
+    # (3,4) (4,3) (3,4) | (3,4) (4,5) (5,6) (6,7) (7,8) (8,9): 9 bigrams, 7 distinct
+    assert sp.distinct2(tokens) == pytest.approx(7 / 9)
 
 
 def test_shakespeare_ppo_never_emits_unknown_and_masks_after_end():

@@ -29,9 +29,8 @@ def test_shakespeare_ppo_temperature_bisection_matches_diversity():
         rng = np.random.default_rng(0)
         return rng.integers(3, 3 + max(2, int(80 * temp)), (num, sp.MAX_LEN))
 
-    data = {"corpus_bigrams": set()}
-    distinct2 = lambda t: sp.text_metrics(np.asarray(sample(None, None, 64, t)), set())["distinct2"]
-    temps = [study.matched_temperature(data, sample, None, None, 64, d) for d in (0.5, 0.7)]
+    distinct2 = lambda t: sp.distinct2(np.asarray(sample(None, None, 64, t)))
+    temps = [study.matched_temperature(sample, None, None, 64, d) for d in (0.5, 0.7)]
     assert 0.3 < temps[0] < temps[1] < 1.0
     for temp, target in zip(temps, (0.5, 0.7)):
         assert distinct2(temp) == pytest.approx(target, abs=0.05)
