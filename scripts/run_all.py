@@ -373,7 +373,11 @@ def update_readme(rows: list[dict]) -> None:
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     if not README.exists() or start not in README.read_text():
         return
-    text = [f"Measured by `make run` on {machine()}, git commit {git_commit()}.", ""]
+    text = [
+        f"Measured at each task's defaults (`make run`, or `make notebooks`, which runs the same"
+        f" code) on {machine()}, git commit {git_commit()}.",
+        "",
+    ]
     for r in rows:
         fig = RUNS / r["task"] / r["task_obj"].figure
         if r["metrics"] is not None and fig.exists():
