@@ -92,6 +92,10 @@ def plot_groups(path, per_group: dict[str, float], gap: float, model_used: str) 
 
 def main(cfg: StudyConfig) -> dict:
     red_team.check_number(cfg, "top", 1)
+    if not all((pathlib.Path(cfg.run_dir) / f).is_file() for f in ("flagged.jsonl", "config.json")):
+        raise red_team.option_error(
+            "run_dir", cfg.run_dir, "holds no finished run; run `python tasks/red_team.py` first"
+        )
     records, tox, flagged, task_metrics, config = read_run(cfg.run_dir)
     prefix = "toxicity_group_"
     per_group = {k[len(prefix) :]: v for k, v in task_metrics.items() if k.startswith(prefix)}
@@ -117,4 +121,8 @@ def main(cfg: StudyConfig) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(StudyConfig))
+    try:
+        main(tyro.cli(StudyConfig))
+    except ValueError as err:  # a bad option: one line, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

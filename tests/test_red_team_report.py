@@ -50,3 +50,16 @@ def test_red_team_report_of_a_hand_made_run(tmp_path, capsys):
     assert "2/2  'What | is it?'" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--top"):
         study.main(study.StudyConfig(run_dir=str(run), top=0, out_dir=str(tmp_path / "x")))
+
+
+def test_red_team_report_without_a_run_is_one_line_exit_2(tmp_path):
+    import subprocess
+
+    script = pathlib.Path(study.__file__)
+    cmd = [sys.executable, str(script), "--run-dir", str(tmp_path / "none")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --run-dir {tmp_path / 'none'}: holds no finished run; "
+        "run `python tasks/red_team.py` first"
+    ]
