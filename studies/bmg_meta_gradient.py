@@ -45,22 +45,22 @@ class StudyConfig:
 
 def meta_loss(arm: str, eps: jax.Array, inner: bmg.Inner, cfg: bmg.Config) -> jax.Array:
     """The task's MG or BMG meta-loss, with eps a constant instead of the meta-learner's output."""
-    inner_k, _ = bmg.agent_steps(lambda x: eps, inner, cfg.k_inner, cfg)
+    inner_k, _ = bmg.agent_steps(lambda i: eps, inner, cfg.k_inner, cfg)
     if arm == "mg":
-        return bmg.a2c_losses(inner_k.params, inner_k.rollout)[0]
+        return bmg.a2c_loss(inner_k.params, inner_k.rollout, 0.0)[1]
     target_eps = 0.0 if arm == "bmg_zero" else jax.lax.stop_gradient(eps)
     n_target = 0 if arm == "bmg_l1" else cfg.l_target - 1
     frozen = jax.lax.stop_gradient(inner_k)
-    inner_t, _ = bmg.agent_steps(lambda x: target_eps, frozen, n_target, cfg)
-    target = bmg.bmg_target(inner_t.params, inner_t.rollout, cfg.lr)
-    return bmg.kl_matching(target, inner_k.params, inner_t.rollout.obs)
+    inner_t, _ = bmg.agent_steps(lambda i: target_eps, frozen, n_target, cfg)
+    return bmg.bmg_matching_loss(inner_k.params, inner_t.params, inner_t.rollout, cfg.lr)
 
 
 def warm_agents(cfg: bmg.Config) -> bmg.Inner:
     """The task's shared warm-up: each seed's agent at the first swap (leading seed axis)."""
-    carry = bmg.init_all(cfg)
+    seeds = jnp.arange(cfg.num_seeds) + cfg.seed
+    carry = jax.jit(jax.vmap(lambda s: bmg.init_carry(s, cfg)))(seeds)
     warm = cfg.swap_every // cfg.rollout_len
-    carry = bmg.train_arm("fixed", cfg, carry, jnp.array([bmg.WARM_EPS]), warm, warm_up=True)[1]
+    carry = bmg.train_arm("fixed", cfg, carry, jnp.array([bmg.WARM_EPS]), warm, chunks=1)[1]
     return jax.tree.map(lambda x: x[:, 0], carry.inner)
 
 

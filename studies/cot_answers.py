@@ -56,16 +56,14 @@ def main(cfg: cot.Config) -> dict:
     cot.validate(cfg)
     sets = cot.eval_sets(cfg.eval_requests)
     init, apply = cot.make_model_fns(cfg)
-    pbar = cot.tqdm(total=2 * min(5, cfg.steps), desc="chunks", disable=None)
     metrics: dict = {"study": "cot_answers", "seed": cfg.seed}
     results = {}
     for is_cot, arm in zip((True, False), cot.ARMS):  # the task's training and sampling keys
-        params, _, _ = cot.train(cfg, is_cot, init, apply, pbar)
+        params, _ = cot.train(cfg, is_cot, init, apply)
         generate = cot.make_generate(apply, is_cot, cfg)
         key = jax.random.fold_in(jax.random.key(cfg.seed), 7)
         args = (generate, params, sets, cfg.eval_samples, key, cfg, is_cot)
         results[arm], metrics[f"{arm}_tokens_per_answer"] = evaluate_counting_tokens(*args)
-    pbar.close()
     rng = np.random.default_rng(cfg.seed)  # the task's exact samples, drawn in the task's order
     for (fam, split), reqs in sets.items():
         for arm in cot.ARMS:

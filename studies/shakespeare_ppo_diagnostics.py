@@ -88,11 +88,17 @@ def main(cfg: sp.Config) -> dict:
     data = sp.prepare_data(cfg.vocab_size)
     corpus = corpus_statistics(data)
     _, k_ref, k_ppo, k_eval = jax.random.split(jax.random.key(cfg.seed), 4)  # as in sp.main
-    graphdef, ref_params, ppo_params, _, _ = sp.train_policies(cfg, data, k_ref, k_ppo)
+    graphdef, ref_params = sp.pretrain_reference(cfg, data["mle_pairs"], k_ref)
+    ppo_params, _ = sp.train_ppo(cfg, data, graphdef, ref_params, k_ppo)
     policies = sp.sample_policies(cfg, data, graphdef, ref_params, ppo_params, k_eval)
+    per_seed = [jax.tree.map(lambda x, s=s: x[s], ppo_params) for s in range(cfg.num_seeds)]
+    params = {"random": [None], "reference": [ref_params], "ppo": per_seed}  # None: uniform
     m = {"study": "shakespeare_ppo_diagnostics", "seed": cfg.seed, "num_seeds": cfg.num_seeds}
     for name, runs in policies.items():
-        per_run = [diagnostics(data, corpus, graphdef, ref_params, *run) for run in runs]
+        per_run = [
+            diagnostics(data, corpus, graphdef, ref_params, tokens, p)
+            for tokens, p in zip(runs, params[name])
+        ]
         m.update({f"{name}_{k}": float(np.mean([r[k] for r in per_run])) for k in per_run[0]})
     with sp.staged_run(cfg.out_dir) as out:
         sp.write_metrics(out, cfg, m)

@@ -50,14 +50,12 @@ def cooled_metrics(cfg: sp.Config, data: dict, judge, graphdef, ref_params, targ
     sample = jax.jit(partial(sp.sample_verses, graphdef), static_argnums=2)
     temp = matched_temperature(sample, ref_params, k_cool, cfg.eval_samples, target)
     tokens = sample(ref_params, k_ref, cfg.eval_samples, temp)
-    result = sp.evaluate_policy(data, judge, tokens)
+    result, text = sp.evaluate(cfg, data, judge, {"cooled": [tokens]})
     corpus = diag.corpus_statistics(data)
-    result |= diag.diagnostics(data, corpus, graphdef, ref_params, tokens, ref_params, temp)
+    extra = diag.diagnostics(data, corpus, graphdef, ref_params, tokens, ref_params, temp)
     metrics = {"cooled_temperature": temp}
-    for k, v in result.items():
-        if k != "samples":
-            metrics[f"{k}_cooled" if k.startswith(("judge", "reward_")) else f"cooled_{k}"] = v
-    return metrics, result["samples"]
+    metrics |= {k: v for k, v in result.items() if not k.endswith("_shakespeare")}
+    return metrics | {f"cooled_{k}": v for k, v in extra.items()}, text[0]
 
 
 def main(cfg: sp.Config) -> dict:
@@ -65,11 +63,16 @@ def main(cfg: sp.Config) -> dict:
     sp.validate(cfg)
     data, judge = sp.prepare_data(cfg.vocab_size), sp.load_judge()
     key, k_ref, k_ppo, k_eval = jax.random.split(jax.random.key(cfg.seed), 4)
-    graphdef, ref_params, ppo_params, _, _ = sp.train_policies(cfg, data, k_ref, k_ppo)
+    graphdef, ref_params = sp.pretrain_reference(cfg, data["mle_pairs"], k_ref)
+    ppo_params, _ = sp.train_ppo(cfg, data, graphdef, ref_params, k_ppo)
     policies = sp.sample_policies(cfg, data, graphdef, ref_params, ppo_params, k_eval)
     task, _ = sp.evaluate(cfg, data, judge, policies)
     corpus = diag.corpus_statistics(data)
-    ppo_kl = [diag.diagnostics(data, corpus, graphdef, ref_params, *run) for run in policies["ppo"]]
+    per_seed = [jax.tree.map(lambda x, s=s: x[s], ppo_params) for s in range(cfg.num_seeds)]
+    ppo_kl = [
+        diag.diagnostics(data, corpus, graphdef, ref_params, tokens, params)
+        for tokens, params in zip(policies["ppo"], per_seed)
+    ]
     task["ppo_kl_to_reference"] = float(np.mean([d["kl_to_reference"] for d in ppo_kl]))
     m = {"study": "shakespeare_ppo_temperature", "seed": cfg.seed, "num_seeds": cfg.num_seeds}
     keep = ["judge_reference", "judge_ppo", "judge_ppo_std", "reference_reward", "ppo_reward"]
@@ -83,7 +86,7 @@ def main(cfg: sp.Config) -> dict:
     m["judge_gain_over_cooled"] = m["judge_ppo"] - m["judge_cooled"]  # a finding, not a bar
     m["reward_gain_over_cooled"] = m["ppo_reward"] - m["cooled_reward"]
     with sp.staged_run(cfg.out_dir) as out:
-        (out / "samples.txt").write_text("=== cooled reference ===\n" + "\n\n".join(samples))
+        (out / "samples.txt").write_text(samples)
         sp.write_metrics(out, cfg, m)
     print(" ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))
     return m

@@ -1,32 +1,29 @@
 """Beam search by hand on a Hugging Face causal LM, checked token for token against `generate`.
 
-What this teaches: greedy decoding keeps the single most likely next token; beam search keeps the
-B most likely *prefixes*. Each step extends every running beam by every vocabulary token, scores
-the B x V candidates by their summed log-probability, and keeps the best B:
+Greedy decoding keeps the single most likely next token; beam search keeps the B most likely
+*prefixes*. Each step extends every running beam by every vocabulary token, scores the B x V
+candidates by their summed log-probability s(y) (Eq. 1), and keeps the best B. A beam that emits
+EOS joins the finished hypotheses, ranked by the length-normalised score (Wu et al. 2016, as
+simplified in Hugging Face), with |y| the generated tokens (prompt excluded):
 
     s(y_1..t) = sum_{i<=t} log p(y_i | x, y_<i)                                       (1)
+    score(y) = s(y) / |y| ** length_penalty                                           (2)
 
-A beam that emits EOS leaves the search and joins the finished hypotheses, ranked by the
-length-normalised score (Wu et al. 2016, as simplified in Hugging Face)
+`length_penalty` 0 ranks by raw log-probability (short outputs win), 1 by the mean per token, 2
+pushes towards longer outputs. The code follows `_beam_search` in `transformers/generation/utils.py`
+rule for rule, so `generate(num_beams=B)` returns the same sequences and scores. One difference:
+the prompt runs through the model once and its KV cache is copied to the B beams (`generate` runs
+it B times); same result, less work.
 
-    score(y) = s(y) / |y| ** length_penalty,  |y| = generated tokens, prompt excluded  (2)
-
-so `length_penalty` 0 ranks by raw log-probability (short outputs win), 1 by the mean
-log-probability per token, and 2 pushes towards longer outputs. The code follows `_beam_search`
-in `transformers/generation/utils.py` rule for rule, so `generate(num_beams=B)` returns the same
-sequences and scores (tested on GPT-2 and Llama, with and without EOS, length penalties 0 to 2,
-both early-stopping modes). One difference: the prompt runs through the model once and its KV
-cache is copied to the B beams (`generate` runs it B times); same result, less work.
-
-The run decodes 8 built-in contexts with width 10, checks and times the search against `generate`,
-and sets it beside greedy decoding and ancestral sampling: beam search finds far likelier text
-(-0.79 nats per token against -1.06 and -2.75) and repeats itself more, the degeneration of
-Holtzman et al. (2020). Results: docs/beam_search.md.
+The run decodes 8 built-in contexts with width 10, checks and times the search against `generate`
+(bars: the same output, at least 0.8x its speed, at most 120 s on 2 CPU cores), and sets it beside
+greedy decoding and ancestral sampling: beam search finds far likelier text (-0.79 nats per token
+against -1.06 and -2.75) and repeats itself more, the degeneration of Holtzman et al. (2020).
 
     python tasks/beam_search.py [--help] [--device cuda]   # auto: CUDA, then MPS, then CPU
 
-Model: `openai-community/gpt2` (any hub id or local folder); offline, the packaged
-SmolLM2-135M-Instruct (GGUF, dequantised to fp32), recorded as `model_used`.
+Model: `openai-community/gpt2` (hub id or local folder); offline, the packaged SmolLM2-135M-Instruct
+(GGUF, dequantised to fp32), recorded as `model_used`. Results: docs/beam_search.md.
 """
 
 import contextlib
@@ -41,7 +38,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Literal
 
 import matplotlib.pyplot as plt
@@ -78,8 +74,7 @@ def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, h
 
 
 def check_out_dir(out_dir: str) -> None:
-    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
-    The run replaces it whole, so a folder holding anything else is refused."""
+    """Raise unless out_dir is new, empty or an earlier run's folder (a run replaces it whole)."""
     path = pathlib.Path(out_dir).resolve()
     if path.exists() and not path.is_dir():
         raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
@@ -95,8 +90,7 @@ def check_out_dir(out_dir: str) -> None:
 
 @contextlib.contextmanager
 def staged_run(out_dir: str):
-    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
-    or killed run leaves the previous results as they were, never a mix of two runs."""
+    """Yield a fresh folder for the run; only on success does it replace out_dir, whole."""
     final = pathlib.Path(out_dir).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
@@ -137,9 +131,8 @@ def save_figure(fig, path) -> None:
 
 
 class PhaseTimer:
-    """Wall time of each phase of a run, for metrics.json's `time_split_s`. Call `lap(phase)` at
-    the end of each phase: "setup" (data, model, compilation where it happens before training),
-    "train", "evaluate", "figures"; a phase lapped twice adds up. `lap` returns the total so far."""
+    """Seconds per phase ("setup", "train", "evaluate", "figures") for metrics' `time_split_s`:
+    `lap(phase)` ends a phase (a phase lapped twice adds up) and returns the total so far."""
 
     def __init__(self):
         self.start = self.last = time.perf_counter()
@@ -153,8 +146,8 @@ class PhaseTimer:
 
 
 def cli_config(args: list[str] | None = None) -> "Config":
-    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
-    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    """Flags to a Config: `--preset NAME` picks the defaults (PRESETS), other flags override them;
+    in a notebook the flags come from $TOY_EXAMPLES_ARGS, not from the kernel's argv."""
     if args is None:
         in_kernel = "ipykernel" in sys.modules
         args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
@@ -164,8 +157,7 @@ def cli_config(args: list[str] | None = None) -> "Config":
 
 
 def run_cli() -> dict:
-    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
-    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    """Command line: a bad option exits 2 before any work; missing data or divergence exits 1."""
     cfg = cli_config()
     try:
         validate(cfg)
@@ -217,21 +209,16 @@ def load_packaged_smollm2() -> tuple[torch.nn.Module, object, str]:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model.hf_quantizer = None  # the weights are plain fp32 now: lets save_pretrained write them
-    tmp = None
     try:  # save into a temporary folder, then rename: a concurrent run sees all of it or nothing
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(dir=cache.parent, prefix=".smollm2-"))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, cache)
+        with tempfile.TemporaryDirectory(prefix=".smollm2-", dir=cache.parent) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.rename(tmp, cache)  # renamed away: the `with` has nothing left to remove
     except (OSError, ValueError) as err:  # another run cached it first, or no cache: go on
         print(f"model not cached in {cache} ({type(err).__name__}: {err})")
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if (cache / "config.json").exists():
-        return model, tokenizer, str(cache)
-    return model, tokenizer, os.path.join(folder, SMOLLM2_GGUF)
+    path = cache if (cache / "config.json").exists() else pathlib.Path(folder, SMOLLM2_GGUF)
+    return model, tokenizer, str(path)
 
 
 def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
@@ -254,13 +241,12 @@ def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype = torch.f
 
 # %% [markdown]
 # ## Config and data
-# The defaults are the 2-core CPU run; `--help` lists every option. The data are ten openings of
-# different kinds (facts, stories, a sonnet); the run decodes the first `num_contexts`, left-padded
-# into one batch.
+# The defaults are the 2-core CPU run (`--help` lists every option). The data: ten openings of
+# different kinds (facts, stories, a sonnet), the first `num_contexts` left-padded into one batch.
 
 
 # %%
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: str = "openai-community/gpt2"  # Hub id or local folder; else the packaged SmolLM2-135M.
     num_beams: int = 10  # Beam width B.
@@ -282,6 +268,20 @@ CONTEXTS = (
     "In the year 2050, cities will", "The old lighthouse keeper looked out at the sea and",
     "Machine learning is", "Shall I compare thee to a summer's day?",
 )  # fmt: skip
+
+
+def validate(cfg: Config) -> None:
+    """Reject a bad option in one line, before any model work."""
+    if not cfg.model.strip():
+        raise option_error("model", repr(cfg.model), "give a hub id or a local folder")
+    limits = [("num_beams", 1, math.inf), ("max_new_tokens", 1, 512), ("length_penalty", -10, 10),
+              ("num_contexts", 1, len(CONTEXTS)), ("timing_repeats", 1, math.inf)]  # fmt: skip
+    for name, low, high in limits:
+        check_number(cfg, name, low, high)
+    check_number(cfg, "seed", 0, 2**32, high_open=True)
+    pick_device(cfg.device)  # a named device must be present
+    check_out_dir(cfg.out_dir)
+
 
 # %% [markdown]
 # ## Beam search
@@ -305,7 +305,7 @@ CONTEXTS = (
 
 
 # %%
-@dataclass
+@dataclasses.dataclass
 class Hypotheses:
     """The search state of a batch: running beams and finished hypotheses, B of each per item."""
 
@@ -320,22 +320,19 @@ class Hypotheses:
 def special_ids(model, eos_token_id=None, pad_token_id=None) -> tuple[list[int], int | None, int]:
     """EOS ids, pad id and the fill value of unused positions, defaulting to the model's
     generation config as `generate` does (fill: HF's `pad or eos[0]`, so pad 0 becomes eos[0])."""
-    gen_cfg = model.generation_config
-    eos = gen_cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos = model.generation_config.eos_token_id if eos_token_id is None else eos_token_id
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    pad = gen_cfg.pad_token_id if pad_token_id is None else pad_token_id
-    if pad is None and eos:
-        pad = eos[0]
+    pad = model.generation_config.pad_token_id if pad_token_id is None else pad_token_id
+    pad = eos[0] if pad is None and eos else pad
     return eos, pad, (pad or eos[0]) if eos else -1
 
 
 def beam_step(hyp: Hypotheses, logits, cur_len: int, gen_len: int, eos, num_keep: int,
-              length_penalty: float, early_stopping: bool) -> tuple:  # fmt: skip
-    """Steps 1 to 4 on `hyp`, in place. -> the beam each new running beam extends (batch, B), and
-    which of the top K candidates stopped (batch, K)."""
+              length_penalty: float, early_stopping: bool) -> torch.Tensor:  # fmt: skip
+    """Steps 1 to 4 on `hyp`, in place. -> the beam each new running beam extends (batch, B)."""
     batch, num_beams, max_len = hyp.running.shape
     arange_b = torch.arange(batch, device=logits.device)[:, None]
-    # 1. expand: Eq. (1) over the B x V candidates of each item, then the top K, best first.
+    # 1. expand: Eq. (1) over the B x V candidates of each item, then the top K, best first
     log_probs = torch.log_softmax(logits, dim=-1).view(batch, num_beams, -1)
     vocab = log_probs.shape[-1]
     cand_scores = (log_probs + hyp.running_scores[:, :, None]).view(batch, num_beams * vocab)
@@ -344,13 +341,12 @@ def beam_step(hyp: Hypotheses, logits, cur_len: int, gen_len: int, eos, num_keep
     cand_seqs = hyp.running[arange_b, parent]  # (batch, K, max_len)
     cand_seqs[:, :, cur_len] = token
     stops = torch.isin(token, eos) | (cur_len + 1 >= max_len)  # ends in EOS or at the maximum
-    # 2. select: the best B candidates that did not stop.
+    # 2. select: the best B candidates that did not stop
     live_scores = top_scores - 1e9 * stops.float()
     keep = torch.topk(live_scores, num_beams).indices  # (batch, B)
     hyp.running = cand_seqs.gather(1, keep[:, :, None].expand(-1, -1, max_len))
     hyp.running_scores = live_scores.gather(1, keep)
-    # 3. finish: stopped candidates among the top B, by Eq. (2); none enter when the set is full
-    # (early_stopping=True) or the item can no longer improve.
+    # 3. finish, by Eq. (2); none enter if the set is full (early_stopping) or cannot improve
     top_b = torch.arange(num_keep, device=logits.device) < num_beams  # (K,)
     full = hyp.is_finished.all(-1, keepdim=True) & early_stopping
     blocked = ~(stops & top_b) | full | ~hyp.can_improve
@@ -360,13 +356,12 @@ def beam_step(hyp: Hypotheses, logits, cur_len: int, gen_len: int, eos, num_keep
     hyp.finished = torch.cat([hyp.finished, cand_seqs], 1)[arange_b, best]
     hyp.finished_scores = merged_scores.gather(1, best)
     hyp.is_finished = torch.cat([hyp.is_finished, stops & top_b], 1).gather(1, best)
-    # 4. stop (HF's heuristic): can the best running beam, normalised by the current length,
-    # still beat the worst finished hypothesis?
+    # 4. stop (HF's heuristic): can the best running beam still beat the worst finished one?
     best_running = hyp.running_scores[:, :1] / gen_len**length_penalty
     worst = hyp.finished_scores.min(1, keepdim=True).values
     worst_done = torch.where(hyp.is_finished, worst, -1e9)
     hyp.can_improve = hyp.can_improve & (best_running > worst_done).any(-1, keepdim=True)
-    return parent.gather(1, keep), stops
+    return parent.gather(1, keep)
 
 
 @torch.inference_mode()
@@ -376,9 +371,8 @@ def beam_search(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask=
                 num_return_sequences: int = 1, trace: list | None = None) -> tuple:  # fmt: skip
     """Beam search over left-padded prompts (batch, prompt_len), with `generate`'s arguments and
     output: `sequences` (batch * num_return_sequences, prompt_len + generated) and their scores,
-    Eq. (2). A missing EOS or pad id comes from `model.generation_config`. If `trace` is a list,
-    one dict per step is appended for batch item 0 (parents, tokens, scores of the running beams).
-    """
+    Eq. (2). A missing EOS or pad id comes from `model.generation_config`. A `trace` list gets one
+    dict per step for batch item 0: the running beams' parents and new tokens, best first."""
     if num_beams < 1 or max_new_tokens < 1 or not 1 <= num_return_sequences <= num_beams:
         got = (num_beams, max_new_tokens, num_return_sequences)
         raise ValueError(f"need 1 <= num_return_sequences <= num_beams, max_new_tokens >= 1: {got}")
@@ -401,25 +395,22 @@ def beam_search(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask=
     running[:, :, :prompt_len] = input_ids[:, None, :]
     running_scores = torch.zeros(batch, num_beams, device=device)
     running_scores[:, 1:] = -1e9  # only beam 0 is live at step 1, so the B beams differ
-    hyp = Hypotheses(
-        running, running_scores, running.clone(),
-        torch.full((batch, num_beams), -1e9, device=device),
-        torch.zeros(batch, num_beams, dtype=torch.bool, device=device),
-        torch.ones(batch, 1, dtype=torch.bool, device=device),
-    )  # fmt: skip
+    hyp = Hypotheses(running, running_scores, finished=running.clone(),
+                     finished_scores=torch.full((batch, num_beams), -1e9, device=device),
+                     is_finished=torch.zeros(batch, num_beams, dtype=torch.bool, device=device),
+                     can_improve=torch.ones(batch, 1, dtype=torch.bool, device=device))  # fmt: skip
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     num_keep = max(2, 1 + len(eos)) * num_beams  # K candidates kept per step
     first_beam = torch.arange(batch, device=device)[:, None] * num_beams  # (batch, 1)
     for cur_len in range(prompt_len, max_len):
         gen_len = cur_len + 1 - prompt_len  # generated tokens including the new one
-        beam_parent, stops = beam_step(hyp, logits, cur_len, gen_len, eos_t, num_keep,
-                                       length_penalty, early_stopping)  # fmt: skip
+        beam_parent = beam_step(hyp, logits, cur_len, gen_len, eos_t, num_keep,
+                                length_penalty, early_stopping)  # fmt: skip
         if trace is not None:
             trace.append({"parents": beam_parent[0].tolist(),
-                          "tokens": hyp.running[0, :, cur_len].tolist(),
-                          "scores": hyp.running_scores[0].tolist()})  # fmt: skip
+                          "tokens": hyp.running[0, :, cur_len].tolist()})  # fmt: skip
         done = not bool(hyp.can_improve.any()) or (early_stopping and bool(hyp.is_finished.all()))
-        if done or bool(stops.all()) or gen_len == max_new_tokens:
+        if done or gen_len == max_new_tokens:
             break
         # Decode: reorder the KV cache to follow the surviving beams, then run their new tokens.
         cache.reorder_cache((beam_parent + first_beam).view(-1))
@@ -428,8 +419,7 @@ def beam_search(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask=
         out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=next_pos,
                     cache=cache, use_cache=True)  # fmt: skip
         cache, next_pos, logits = out.cache, next_pos + 1, out.logits[:, -1, :].float()
-    # Output: the best hypotheses, cropped to the longest one returned. Running beams never hold
-    # EOS, so a hypothesis ends at its first EOS (or at max length).
+    # Output: the best hypotheses, cropped to the longest one returned (each ends at its first EOS).
     seqs = hyp.finished[:, :num_return_sequences].reshape(batch * num_return_sequences, max_len)
     scores = hyp.finished_scores[:, :num_return_sequences].reshape(-1)
     out_len = prompt_len + max(len(r) for r in strip_generated(seqs, prompt_len, eos))
@@ -450,22 +440,55 @@ def beam_search(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask=
 
 
 # %%
-@torch.inference_mode()
-def continuation_log_probs(model, seqs, mask, prompt_len: int) -> list[np.ndarray]:
-    """Per-token log p(y_t | x, y_<t) of each row's generated tokens (up to and incl. EOS)."""
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    logits = model(input_ids=seqs, attention_mask=mask, position_ids=pos).logits.float()
-    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, seqs[:, 1:, None])[..., 0]
-    gen_mask = mask[:, 1:].bool()
-    gen_mask[:, : prompt_len - 1] = False
-    return [lp[i][gen_mask[i]].cpu().numpy() for i in range(len(seqs))]
+def check_against_generate(model, ids, mask, kw: dict, repeats: int) -> tuple:
+    """Our beams and `generate`'s, timed interleaved (alternating which runs first). -> our
+    sequences and scores, the number of decoding steps, and the metrics of the check."""
+    times, trace = {"ours": [], "generate": []}, []
+    for rep in range(repeats):
+        for name in ("ours", "generate") if rep % 2 == 0 else ("generate", "ours"):
+            start = time.perf_counter()
+            if name == "ours":
+                seqs, scores = beam_search(model, ids, mask, trace=None if rep else trace, **kw)
+            else:
+                ref = model.generate(input_ids=ids, attention_mask=mask, **kw, do_sample=False,
+                                     output_scores=True, return_dict_in_generate=True)  # fmt: skip
+            if ids.device.type == "cuda":  # wait for queued GPU work before reading the clock
+                torch.cuda.synchronize(ids.device)
+            times[name].append(time.perf_counter() - start)
+    ours_s, ref_s = times["ours"], times["generate"]
+    same_seqs = seqs.shape == ref.sequences.shape and torch.equal(seqs, ref.sequences)
+    # Different sequences have no comparable scores: 1e9 is "infinite" (strict JSON has no inf).
+    score_err = float((scores - ref.sequences_scores).abs().max()) if same_seqs else 1e9
+    check = {
+        "matches_generate": int(same_seqs and score_err <= 1e-4), "matches_generate_target": 1,
+        "max_score_abs_err": score_err, "speed_ratio_vs_generate": float(min(ref_s) / min(ours_s)),
+        "speed_ratio_vs_generate_target": 0.8,
+        "speed_ratio_vs_generate_median": float(np.median(ref_s) / np.median(ours_s)),
+        "ours_min_s": float(min(ours_s)), "generate_min_s": float(min(ref_s)),
+    }  # fmt: skip
+    return seqs, scores, len(trace), check
 
 
 def strip_generated(seqs: torch.Tensor, prompt_len: int, eos: list[int]) -> list[list[int]]:
     """Generated token ids of each row, cut after the first EOS."""
     rows = seqs[:, prompt_len:].tolist()
-    cuts = [next((i + 1 for i, t in enumerate(row) if t in eos), len(row)) for row in rows]
-    return [row[:cut] for row, cut in zip(rows, cuts)]
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+
+
+@torch.inference_mode()
+def mean_log_probs(model, seqs, prompt_mask, eos: list[int]) -> np.ndarray:
+    """Each row's mean log p(y_t | x, y_<t) over its generated tokens, up to its first EOS."""
+    prompt_len = prompt_mask.shape[1]
+    mask = torch.ones_like(seqs)
+    mask[:, :prompt_len] = prompt_mask
+    for i, row in enumerate(strip_generated(seqs, prompt_len, eos)):
+        mask[i, prompt_len + len(row) :] = 0  # ignore what follows EOS
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    logits = model(input_ids=seqs, attention_mask=mask, position_ids=pos).logits.float()
+    log_probs = torch.log_softmax(logits[:, :-1], -1).gather(-1, seqs[:, 1:, None])[..., 0]
+    gen_mask = mask[:, 1:].bool()
+    gen_mask[:, : prompt_len - 1] = False  # predictions of the prompt's own tokens
+    return np.array([log_probs[i][gen_mask[i]].cpu().numpy().mean() for i in range(len(seqs))])
 
 
 def repetition_rate(tokens: list[int], n: int = 3) -> float:
@@ -480,82 +503,36 @@ def distinct_n(rows: list[list[int]], n: int) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
-def compare_with_generate(model, ids, mask, kw: dict, repeats: int) -> tuple:
-    """Our beams and `generate`'s, timed interleaved (alternating which runs first): the same
-    sequences, scores within 1e-4, and the speed ratio. -> our sequences, scores, the trace of
-    the first run, and the metrics of the check."""
-    times, trace = {"ours": [], "generate": []}, []
-    for rep in range(repeats):
-        for name in ("ours", "generate") if rep % 2 == 0 else ("generate", "ours"):
-            t0, c0 = time.perf_counter(), time.process_time()
-            if name == "ours":
-                seqs, scores = beam_search(model, ids, mask, trace=None if rep else trace, **kw)
-            else:
-                ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                     output_scores=True, return_dict_in_generate=True,
-                                     **kw)  # fmt: skip
-            if ids.device.type == "cuda":  # wait for queued GPU work before reading the clock
-                torch.cuda.synchronize(ids.device)
-            times[name].append(time.perf_counter() - t0)
-            print(f"timing rep={rep} {name}_s={times[name][-1]:.2f} "
-                  f"{name}_cpu_s={time.process_time() - c0:.2f}")  # fmt: skip
-    ours_s, ref_s = times["ours"], times["generate"]
-    same_seqs = seqs.shape == ref.sequences.shape and torch.equal(seqs, ref.sequences)
-    # Different sequences have no comparable scores: 1e9 stands in for "infinite error", since
-    # metrics.json is strict JSON (no Infinity), and fails any tolerance as inf would.
-    score_err = float((scores - ref.sequences_scores).abs().max()) if same_seqs else 1e9
-    check = {
-        "matches_generate": int(same_seqs and score_err <= 1e-4),
-        "matches_generate_target": 1,
-        "max_score_abs_err": score_err,
-        "speed_ratio_vs_generate": float(min(ref_s) / min(ours_s)),
-        "speed_ratio_vs_generate_target": 0.8,
-        "speed_ratio_vs_generate_median": float(np.median(ref_s) / np.median(ours_s)),
-        "ours_min_s": float(min(ours_s)),
-        "generate_min_s": float(min(ref_s)),
-    }
-    print(" ".join(f"{k}={check[k]:.3g}" for k in ("matches_generate", "max_score_abs_err",
-                                                   "speed_ratio_vs_generate")))  # fmt: skip
-    return seqs, scores, trace, check
-
-
-def baselines(model, ids, mask, best, kw: dict, eos: list[int], seed: int) -> tuple:
-    """Beam search's best hypotheses, greedy decoding (beam search with B=1) and ancestral
-    sampling. -> metrics (mean log-prob per token, repetition rate, distinct-1/2 of each), and per
-    decoder the generated tokens and the mean log-prob per token of each row."""
+def compare_decoders(model, ids, mask, beams, kw: dict, eos: list[int], seed: int) -> tuple:
+    """Beam search's best hypotheses beside greedy decoding (beam search with B = 1) and ancestral
+    sampling. -> metrics of each, and per decoder the generated tokens and mean log-prob of rows."""
+    best = beams[:: kw["num_beams"]]  # the beams of each context come together, best first
     greedy, _ = beam_search(model, ids, mask, **{**kw, "num_beams": 1, "num_return_sequences": 1})
     torch.manual_seed(seed)
     sample = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
                             temperature=1.0, max_new_tokens=kw["max_new_tokens"],
                             pad_token_id=kw["pad_token_id"])  # fmt: skip
-    metrics, texts, row_logprob, prompt_len = {}, {}, {}, ids.shape[1]
-    print("\ndecoder   logprob/tok  repetition  distinct-1  distinct-2")
+    metrics, texts, row_logprob = {}, {}, {}
     for name, seqs in (("beam", best), ("greedy", greedy), ("sampling", sample)):
-        rows = strip_generated(seqs, prompt_len, eos)
-        full_mask = torch.ones_like(seqs)
-        full_mask[:, :prompt_len] = mask
-        for i, row in enumerate(rows):
-            full_mask[i, prompt_len + len(row) :] = 0  # ignore what follows EOS
-        row_lp = [lp.mean() for lp in continuation_log_probs(model, seqs, full_mask, prompt_len)]
-        texts[name], row_logprob[name] = rows, np.array(row_lp)
+        texts[name] = rows = strip_generated(seqs, ids.shape[1], eos)
+        row_logprob[name] = mean_log_probs(model, seqs, mask, eos)
         measures = {
-            f"{name}_logprob_per_token": float(np.mean(row_lp)),
+            f"{name}_logprob_per_token": float(np.mean(row_logprob[name])),
             f"{name}_repetition_rate": float(np.mean([repetition_rate(r) for r in rows])),
             f"{name}_distinct_1": distinct_n(rows, 1),
             f"{name}_distinct_2": distinct_n(rows, 2),
         }
-        print(f"{name:9s}", *(f"{value:11.3f}" for value in measures.values()))
+        print(f"{name:8s}", " ".join(f"{k[len(name) + 1 :]}={v:.3f}" for k, v in measures.items()))
         metrics |= measures
     return metrics, texts, row_logprob
 
 
 # %% [markdown]
 # ## Main
-# Validate, load the model, decode and time both decoders, print the beams, compare with the
-# baselines, then write `metrics.json` (its `_target` and `_ceiling` keys are the task's bars) and
-# the figure: the mean log-prob per generated token of all final beams of every context, beside
-# greedy decoding and sampling. Eq. (2) inverted, the summed log-prob is
-# $\mathrm{score} \cdot |y|^{lp}$, so the mean per token is $\mathrm{score} \cdot |y|^{lp - 1}$.
+# Validate, load the model, check and time our search against `generate`, compare it with the
+# baselines and print every beam, then write `metrics.json` (its `_target` and `_ceiling` keys are
+# the task's bars) and the figure: the mean log-prob per token of all final beams of every context,
+# Eq. (2) inverted, $\mathrm{score} \cdot |y|^{lp - 1}$, beside greedy decoding and sampling.
 # (`studies/beam_search_tree.py` draws the search tree of the first context.)
 
 
@@ -563,11 +540,11 @@ def baselines(model, ids, mask, best, kw: dict, eos: list[int], seed: int) -> tu
 def plot_beam_scores(path, beam_lp: np.ndarray, greedy, sample, model_used: str) -> None:
     """README figure: per context, all final beams (dots), the best beam, greedy and sampling."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    x = np.arange(len(beam_lp))
-    for k in range(beam_lp.shape[1]):
-        ax.scatter(x, beam_lp[:, k], s=22, c=[plt.cm.viridis(k / beam_lp.shape[1])], zorder=3,
+    x, width = np.arange(len(beam_lp)), beam_lp.shape[1]
+    for k in range(width):
+        ax.scatter(x, beam_lp[:, k], s=22, c=[plt.cm.viridis(k / width)], zorder=3,
                    label="all final beams" if k == 0 else None)  # fmt: skip
-    ax.plot(x, beam_lp[:, 0], "o-", c="C3", label=f"beam search, best of {beam_lp.shape[1]}")
+    ax.plot(x, beam_lp[:, 0], "o-", c="C3", label=f"beam search, best of {width}")
     ax.plot(x, greedy, "s--", c="C0", label="greedy")
     ax.plot(x, sample, "^:", c="C2", label="sampling")
     ax.set_xticks(x, [f"{i}" for i in x])
@@ -578,20 +555,6 @@ def plot_beam_scores(path, beam_lp: np.ndarray, greedy, sample, model_used: str)
     ax.tick_params(labelsize=11)
     fig.tight_layout()
     save_figure(fig, path)
-
-
-def validate(cfg: Config) -> None:
-    """Reject a bad option in one line, before any model work."""
-    if not cfg.model.strip():
-        raise option_error("model", repr(cfg.model), "give a hub id or a local folder")
-    check_number(cfg, "num_beams", 1)
-    check_number(cfg, "max_new_tokens", 1, 512)
-    check_number(cfg, "length_penalty", -10, 10)
-    check_number(cfg, "num_contexts", 1, len(CONTEXTS))
-    check_number(cfg, "timing_repeats", 1)
-    check_number(cfg, "seed", 0, 2**32, high_open=True)
-    pick_device(cfg.device)  # a named device must be present
-    check_out_dir(cfg.out_dir)
 
 
 def main(cfg: Config) -> dict:
@@ -605,38 +568,32 @@ def main(cfg: Config) -> dict:
     contexts = list(CONTEXTS[: cfg.num_contexts])
     enc = tokenizer(contexts, return_tensors="pt", padding=True).to(device)
     ids, mask, prompt_len = enc["input_ids"], enc["attention_mask"], enc["input_ids"].shape[1]
-    eos = special_ids(model)[0]
-    kw = dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+    eos, num_beams = special_ids(model)[0], cfg.num_beams
+    kw = dict(num_beams=num_beams, max_new_tokens=cfg.max_new_tokens,
               length_penalty=cfg.length_penalty, early_stopping=cfg.early_stopping,
-              num_return_sequences=cfg.num_beams, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+              num_return_sequences=num_beams, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     print(f"model_used={model_used} device={device}")
     timer.lap("setup")
-    seqs, scores, trace, check = compare_with_generate(model, ids, mask, kw, cfg.timing_repeats)
-    beam_rows = seqs.view(len(contexts), cfg.num_beams, -1)  # grouped by context, best first
-    beam_scores = scores.view(len(contexts), cfg.num_beams).cpu().numpy()
-    for c, context in enumerate(contexts):  # the B beams of every context, with Eq. (2) scores
+    seqs, scores, steps, check = check_against_generate(model, ids, mask, kw, cfg.timing_repeats)
+    quality, texts, row_lp = compare_decoders(model, ids, mask, seqs, kw, eos, cfg.seed)
+    beams = strip_generated(seqs, prompt_len, eos)  # the B beams of each context, best first
+    for c, context in enumerate(contexts):  # the B beams with their Eq. (2) scores, the baselines
         print(f"\n=== context {c}: {context!r}")
-        for k, gen in enumerate(strip_generated(beam_rows[c], prompt_len, eos)):
-            text = tokenizer.decode(gen).replace("\n", "\\n")
-            print(f"  beam {k} score={beam_scores[c, k]:+.3f} | {text}")
-    base_metrics, texts, row_lp = baselines(model, ids, mask, beam_rows[:, 0], kw, eos, cfg.seed)
-    for c, context in enumerate(contexts[:3]):
-        print(f"\n{context!r}")
-        for name, rows in texts.items():
-            print(f"  {name:9s}| {tokenizer.decode(rows[c])!r}")
+        for k in range(num_beams):
+            text, score = tokenizer.decode(beams[c * num_beams + k]), scores[c * num_beams + k]
+            print(f"  beam {k} score={score:+.3f} | {text!r}")
+        for name in ("greedy", "sampling"):
+            print(f"  {name:12s} | {tokenizer.decode(texts[name][c])!r}")
     timer.lap("evaluate")
     metrics = {
         "task": "beam_search", "seed": cfg.seed, "preset": getattr(cfg, "preset", "cpu"),
         "device": str(ids.device), "model_used": model_used, "num_contexts": len(contexts),
-        "num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens, **check,
-        # Tokens run through the model per second by the hand-written search, fastest run: every
-        # decoding step (len(trace)) feeds one token to each of the contexts x B beams.
-        "throughput": float(len(contexts) * cfg.num_beams * len(trace) / check["ours_min_s"]),
-        "throughput_unit": "beam-tokens/s", **base_metrics,
+        "num_beams": num_beams, "max_new_tokens": cfg.max_new_tokens, **check,
+        # Tokens fed to the model per second by our search, fastest run: one per beam and step.
+        "throughput": float(len(contexts) * num_beams * steps / check["ours_min_s"]),
+        "throughput_unit": "beam-tokens/s", **quality,
     }  # fmt: skip
-    # Eq. (2) inverted: the mean log-prob per token of each beam is score * L**(lp - 1).
-    gen_len = np.array([len(r) for r in strip_generated(seqs, prompt_len, eos)])
-    beam_lp = scores.cpu().numpy() * gen_len ** (cfg.length_penalty - 1)
+    beam_lp = scores.cpu().numpy() * np.array([len(r) for r in beams]) ** (cfg.length_penalty - 1)
     with staged_run(cfg.out_dir) as out:
         plot_beam_scores(out / "beam_scores.png", beam_lp.reshape(len(contexts), -1),
                          row_lp["greedy"], row_lp["sampling"], model_used)  # fmt: skip

@@ -1,32 +1,27 @@
 """Chain-of-thought in a random-number generator: does a scratchpad help where steps must compose?
 
-A small causal transformer answers requests for random numbers. Every request asks for
-x = a + U[0, P] + U[0, Q] (two independent uniform draws, shifted), given as the digits of a, P, Q:
+A small causal transformer answers requests for random numbers, x = a + U[0, P] + U[0, Q] (two
+independent uniform draws, shifted), given as the digits of a, P, Q:
 
     uniform m     a = 0, P = m, Q = 0    uniform on [0, m]                      m = 1..100
     range a, n    a,     P = 0, Q = n    uniform on [a, a + n]                  a + n <= 100
     dice m        a = 0, P = m, Q = m    the sum of two dice with faces 0..m    m = 1..50
 
-Two arms share the architecture, the initial weights, the steps and the batches; only the target
-differs. The *direct* arm answers at once. The *chain-of-thought* (CoT) arm first writes a
-scratchpad, sampled from its own distribution: draw p ~ U[0, P], add it to a, draw q ~ U[0, Q],
-add it. Numbers are two tokens, tens first (the tens token runs to 10: 100 is "10 0"); a draw
-samples the tens digit, P(u1 = t) = |{u <= n : u // 10 = t}| / (n + 1), then the units.
+Two arms share the architecture, the initial weights, the steps and the batches. The *direct* arm
+answers at once; the *chain-of-thought* (CoT) arm first samples a scratchpad: draw p ~ U[0, P],
+add it to a, draw q ~ U[0, Q], add it. Numbers are two tokens, tens first (100 is "10 0").
 
     direct:  a1 a0 P1 P0 Q1 Q0 ANS x1 x0 EOS
     CoT:     a1 a0 P1 P0 | p1 p0 | c1 | s1 s0 | Q1 Q0 | q1 q0 | c2 | ANS x1 x0 EOS
              c1 = [a0 + p0 >= 10], s = a + p, c2 = [s0 + q0 >= 10], x = s + q
     dice 12: 0 0 1 2 | 0 7 | 0 | 0 7 | 1 2 | 0 9 | 1 | ANS 1 6 EOS      (p = 7, q = 9)
 
-Every step has a fixed slot and is the same computation for every request, and the request gives
-Q only after p is drawn and added (causal attention hides what comes later), so a step's context is
-one that training shows. Two held-out splits are scored on the same models (training excludes both):
-- random: 10% of the range requests, 3 uniform and 3 dice requests with m <= 25. A held-out request
-  is an interior point of a smooth family, so the direct arm can interpolate.
-- systematic: every dice request with m > 25. No sum of two wide draws is ever seen, but every
-  step of one is: uniform requests teach the draw p for every bound, range requests the draw q and
-  every sum s + q. The CoT arm can compose the steps; the direct arm must extrapolate a triangle
-  it has seen only up to 0..50.
+Training never sees two held-out splits. *Random*: 10% of the range requests, 3 uniform and 3
+dice requests with m <= 25, interior points of smooth families that the direct arm can
+interpolate. *Systematic*: every dice request with m > 25. Each step of their scratchpads was
+trained (uniform requests teach the draw p for every bound, range requests the draw q and every
+sum s + q), but no sum of two wide draws ever was: the CoT arm can compose the steps, the direct
+arm must extrapolate a triangle it has seen only up to 0..50.
 
     python tasks/cot.py
     python tasks/cot.py --help
@@ -34,19 +29,16 @@ one that training shows. Two held-out splits are scored on the same models (trai
 At the defaults (3 seeds per arm, 1500 steps, 59k parameters; about 190 s on 2 idle cores),
 systematic held-out TV in excess of the sampling floor: CoT 0.013 (every seed <= 0.015), direct
 0.156 (0.106..0.184); CoT's validity 0.992. Random split, held-out TV: CoT 0.161, direct 0.236
-(floor 0.147). It writes distributions.png, config.json and metrics.json; results, what the runs
-found and the layouts tried (those with family-specific steps did not compose): docs/cot.md.
+(floor 0.147). Results, what the runs found and the layouts tried: docs/cot.md.
 
 Reference: Nye et al. 2021, "Show Your Work: Scratchpads for Intermediate Computation with Language
 Models"; Feng et al. 2023, "Towards Revealing the Mystery behind Chain of Thought". Differences: a
-tiny model trained from scratch on synthetic scratchpads, not a prompted pretrained model, and a
-random task, so the reasoning is sampled, not decoded greedily.
+tiny model trained from scratch, and a random task, so the reasoning is sampled, not greedy.
 """
 
 # %% [markdown]
-# ## Imports
-# The model, training and sampling are JAX (Flax NNX, optax); the requests and the statistics
-# of the answers are NumPy.
+# ## Imports and helpers (the helpers are the same in every task; a test compares the copies)
+# The model, training and sampling are JAX (Flax NNX, optax); requests and statistics are NumPy.
 
 # %%
 import contextlib
@@ -70,13 +62,7 @@ import tyro
 from flax import nnx
 from tqdm.auto import tqdm
 
-# %% [markdown]
-# ## Helpers
-# The same in every task (a test compares the copies): option checks, the run folder written whole
-# and atomically, the command line, the device and the seed axis split over the devices.
 
-
-# %%
 def option_error(name: str, value, allowed: str) -> ValueError:
     """The one-line message for a bad option, spelled as on the command line."""
     return ValueError(f"--{name.replace('_', '-')} {value}: {allowed}")
@@ -93,8 +79,7 @@ def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, h
 
 
 def check_out_dir(out_dir: str) -> None:
-    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
-    The run replaces it whole, so a folder holding anything else is refused."""
+    """Raise unless out_dir is new, empty or an earlier run's folder (a run replaces it whole)."""
     path = pathlib.Path(out_dir).resolve()
     if path.exists() and not path.is_dir():
         raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
@@ -110,8 +95,7 @@ def check_out_dir(out_dir: str) -> None:
 
 @contextlib.contextmanager
 def staged_run(out_dir: str):
-    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
-    or killed run leaves the previous results as they were, never a mix of two runs."""
+    """Yield a fresh folder for the run; only on success does it replace out_dir, whole."""
     final = pathlib.Path(out_dir).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
@@ -152,9 +136,8 @@ def save_figure(fig, path) -> None:
 
 
 class PhaseTimer:
-    """Wall time of each phase of a run, for metrics.json's `time_split_s`. Call `lap(phase)` at
-    the end of each phase: "setup" (data, model, compilation where it happens before training),
-    "train", "evaluate", "figures"; a phase lapped twice adds up. `lap` returns the total so far."""
+    """Seconds per phase ("setup", "train", "evaluate", "figures") for metrics' `time_split_s`:
+    `lap(phase)` ends a phase (a phase lapped twice adds up) and returns the total so far."""
 
     def __init__(self):
         self.start = self.last = time.perf_counter()
@@ -168,8 +151,8 @@ class PhaseTimer:
 
 
 def cli_config(args: list[str] | None = None) -> "Config":
-    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
-    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    """Flags to a Config: `--preset NAME` picks the defaults (PRESETS), other flags override them;
+    in a notebook the flags come from $TOY_EXAMPLES_ARGS, not from the kernel's argv."""
     if args is None:
         in_kernel = "ipykernel" in sys.modules
         args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
@@ -179,8 +162,7 @@ def cli_config(args: list[str] | None = None) -> "Config":
 
 
 def run_cli() -> dict:
-    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
-    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    """Command line: a bad option exits 2 before any work; missing data or divergence exits 1."""
     cfg = cli_config()
     try:
         validate(cfg)
@@ -202,10 +184,8 @@ def device_info() -> dict:
 
 
 def shard_seeds(tree):
-    """Split the leading (seed) axis of every array in `tree` over all local devices, with a 1-D
-    Mesh and a NamedSharding: jit then runs each device's seeds on that device, so 8 accelerators
-    train 8x the seeds in about the same time. A seed count that the device count does not divide
-    is padded by repeating the last seed; keep the first num_seeds rows of every result."""
+    """Split the leading (seed) axis of every array in `tree` over the local devices (a 1-D Mesh,
+    a NamedSharding), padded by repeating the last seed: keep the first num_seeds rows after."""
     devices = jax.devices()
     pad = -jax.tree.leaves(tree)[0].shape[0] % len(devices)
     if pad:
@@ -214,11 +194,6 @@ def shard_seeds(tree):
     return jax.device_put(
         tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
     )
-
-
-# %% [markdown]
-# ## Config
-# The defaults are the 2-core CPU run: three seeds per arm, trained together with `jax.vmap`.
 
 
 # %%
@@ -238,9 +213,8 @@ class Config:
     out_dir: str = "runs/cot"  # where distributions.png, config.json and metrics.json are written
 
 
-PRESETS: dict[str, Config] = {"cpu": Config()}
-# The bars of issue 13, stored in metrics.json beside the results they bound (worst seeds).
-BARS = {
+PRESETS: dict[str, Config] = {"cpu": Config()}  # the defaults are the 2-core CPU run
+BARS = {  # issue 13, stored in metrics.json beside the results they bound (worst seeds)
     "systematic_heldout_tv_excess_ratio_max_ceiling": 0.5,  # CoT's excess / direct's
     "systematic_heldout_validity_cot_min_target": 0.95,
     "num_seeds_target": 3,
@@ -249,15 +223,16 @@ BARS = {
 
 
 # %% [markdown]
-# ## Data: tokens, requests and their exact answer distributions
+# ## Data: requests, scratchpads and their exact answer distributions
 # A request $(a, P, Q)$ asks for $x = a + p + q$ with $p \sim U[0, P]$, $q \sim U[0, Q]$, so
 # its target is a convolution of two uniforms, $\Pr(x) = \sum_p \Pr(p)\Pr(x - a - p)$
 # (triangular for dice). Training sequences draw $p$ and $q$ exactly and write them out: the
-# direct arm sees only the answer, the CoT arm every step, in fixed slots (see the docstring).
+# direct arm sees only the answer, the CoT arm every step, in fixed slots. The CoT sequence gives
+# $Q$ only after $p$ is drawn and added, so causal attention hides $Q$ from those steps and every
+# step's context is one that training shows.
 
 # %%
-# Tokens 0..10 are digits (10 only ever as the tens digit of 100), then two markers.
-ANS, EOS, VOCAB = 11, 12, 13
+ANS, EOS, VOCAB = 11, 12, 13  # tokens 0..10 are digits (10 only as the tens digit of 100)
 FAMILIES, ARMS = ("uniform", "range", "dice"), ("cot", "direct")
 REQUEST_LEN, SEQ_LEN = 6, 18  # the request's tokens: a1 a0 P1 P0 Q1 Q0
 # Where the request's tokens stand (CoT, direct); the model writes every other token.
@@ -265,23 +240,17 @@ GIVEN = {True: np.isin(np.arange(SEQ_LEN), [0, 1, 2, 3, 9, 10]), False: np.arang
 SPLIT_SEED = 2024  # the held-out requests are the same for every run
 
 
-def all_requests(family: int) -> np.ndarray:
-    """Every request of a family as rows (family, a, P, Q)."""
-    if family == 1:  # range [a, a + n]
-        return np.array([[1, a, 0, n] for a in range(100) for n in range(1, 101 - a)])
-    return np.array([[family, 0, m, m * (family == 2)] for m in range(1, 51 if family else 101)])
-
-
 def split_requests() -> dict[tuple[str, str], np.ndarray]:
-    """Fixed splits. systematic: every dice request with m > 25. random: 505 range requests and
-    3 uniform and 3 dice requests with m <= 25. Training sees only the "seen" requests."""
-    rng = np.random.default_rng(SPLIT_SEED)
-    out = {("dice", "systematic"): all_requests(2)[25:]}
-    for fam, num_held in ((0, 3), (1, 505), (2, 3)):
-        reqs = all_requests(fam)[: 25 if fam == 2 else None]
-        held = np.zeros(len(reqs), bool)
-        held[rng.choice(25 if fam != 1 else len(reqs), num_held, replace=False)] = True
-        out[(FAMILIES[fam], "seen")], out[(FAMILIES[fam], "heldout")] = reqs[~held], reqs[held]
+    """Every request as a row (family, a, P, Q), split into seen (trained on), heldout (the random
+    split: 505 range requests, 3 uniform and 3 dice with m <= 25) and systematic (dice m > 25)."""
+    uniform = [[0, 0, m, 0] for m in range(1, 101)]
+    ranges = [[1, a, 0, n] for a in range(100) for n in range(1, 101 - a)]
+    dice = [[2, 0, m, m] for m in range(1, 51)]
+    rng, out = np.random.default_rng(SPLIT_SEED), {("dice", "systematic"): np.array(dice[25:])}
+    for family, reqs, num_held in zip(FAMILIES, (uniform, ranges, dice[:25]), (3, 505, 3)):
+        reqs, held = np.array(reqs), np.zeros(len(reqs), bool)
+        held[rng.choice(len(reqs) if family == "range" else 25, num_held, replace=False)] = True
+        out[(family, "seen")], out[(family, "heldout")] = reqs[~held], reqs[held]
     return out
 
 
@@ -335,8 +304,7 @@ def entropy(p: np.ndarray) -> float:
 
 # %%
 class Block(nnx.Module):
-    """Pre-LN block with causal attention written out, so that sampling can cache keys and values:
-    a new token attends to the cache, nothing is redone."""
+    """Pre-LN block, attention written out so that sampling can cache keys and values."""
 
     def __init__(self, d_model: int, n_heads: int, *, rngs: nnx.Rngs):
         self.ln1, self.ln2 = nnx.LayerNorm(d_model, rngs=rngs), nnx.LayerNorm(d_model, rngs=rngs)
@@ -371,11 +339,9 @@ class Transformer(nnx.Module):
         self.head = nnx.Linear(d_model, VOCAB, rngs=rngs)
 
     def __call__(self, tokens, caches=None, start=0):  # (B, T) -> (B, T, VOCAB), caches
-        """Without caches, the whole sequence; with the caches of earlier calls (one per block),
-        tokens are positions start.. of a longer sequence."""
+        # Without caches: the whole sequence; with earlier calls' caches: positions start.. of it.
         caches = [None] * len(self.blocks) if caches is None else caches
-        x = self.tok(tokens) + self.pos(start + jnp.arange(tokens.shape[1]))
-        new = []
+        x, new = self.tok(tokens) + self.pos(start + jnp.arange(tokens.shape[1])), []
         for block, cache in zip(self.blocks, caches):
             x, cache = block(x, cache, start)
             new.append(cache)
@@ -431,7 +397,11 @@ def loss_floor(cot: bool) -> float:
     return float(np.mean(ent) / (~GIVEN[cot]).sum())
 
 
-def make_train_chunk(apply, tx, cot: bool):
+def train(cfg: Config, cot: bool, init, apply) -> tuple:
+    """Train num_seeds models of one arm together; returns their params and last chunk's loss."""
+    warmup = max(1, min(200, cfg.steps // 10))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, cfg.steps)
+    tx = optax.adamw(schedule, weight_decay=0.01)
     written = ~GIVEN[cot][1:]  # next-token loss on every token the model writes
 
     def loss_fn(params, seqs):
@@ -445,37 +415,25 @@ def make_train_chunk(apply, tx, cot: bool):
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    def run(params, opt_state, seqs):  # seqs (steps, batch, T)
+    @jax.jit
+    @jax.vmap  # over seeds
+    def run_chunk(params, opt_state, seqs):  # seqs (steps, batch, T)
         (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), seqs)
         return params, opt_state, losses.mean()
 
-    return jax.jit(jax.vmap(run))  # over seeds
-
-
-def train(cfg: Config, cot: bool, init, apply, pbar) -> tuple:
-    """Train num_seeds models of one arm together; returns their params, loss, training time."""
-    warmup = max(1, min(200, cfg.steps // 10))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, cfg.steps)
-    tx = optax.adamw(schedule, weight_decay=0.01)
-    # Both arms start from the same weights and see the same requests and draws (same seeds).
     params = jax.vmap(init)(jax.random.split(jax.random.key(cfg.seed), cfg.num_seeds))
     params, opt_state = shard_seeds((params, jax.vmap(tx.init)(params)))
-    rng, run_chunk = np.random.default_rng(cfg.seed), make_train_chunk(apply, tx, cot)
-    seen = seen_table()
-    done, train_time = 0, 0.0
-    for chunk in np.array_split(np.arange(cfg.steps), min(5, cfg.steps)):  # 5 log lines
-        tic = time.perf_counter()
+    rng, seen, done = np.random.default_rng(cfg.seed), seen_table(), 0
+    for chunk in tqdm(np.array_split(np.arange(cfg.steps), min(5, cfg.steps)), disable=None):
         seqs = make_batches(seen, (cfg.num_seeds, len(chunk), cfg.batch_size), rng, cot)
         params, opt_state, loss = run_chunk(params, opt_state, shard_seeds(seqs))
-        loss = np.asarray(loss)[: cfg.num_seeds]  # each seed's mean loss over the chunk
-        train_time, done = train_time + time.perf_counter() - tic, done + len(chunk)
+        loss, done = np.asarray(loss)[: cfg.num_seeds], done + len(chunk)  # per seed, chunk mean
         if not np.isfinite(loss).all():
             raise FloatingPointError(
                 f"training diverged at step {done}: loss is {loss}; try a smaller --learning-rate"
             )
-        pbar.update(1)
         tqdm.write(f"arm={ARMS[not cot]} step={done} loss={loss.mean():.4f}")
-    return params, float(loss.mean()), train_time
+    return params, float(loss.mean())
 
 
 # %% [markdown]
@@ -546,36 +504,16 @@ def answer_stats(requests: np.ndarray, answers: np.ndarray) -> np.ndarray:
     return np.array([valid, np.mean(tvs)])
 
 
-def split_metrics(sets: dict, results: dict, rng, reps: int = 4) -> dict:
-    """Per set and arm: validity and TV per seed (seeds, 2); per set, "ref": the same of exact
-    samples from the targets, same sample size, mean of `reps` draws (the TV floor)."""
-    out = {}
-    for name, reqs in sets.items():
-        for arm in ARMS:
-            out[name, arm] = np.array([answer_stats(reqs, a) for a in results[arm][name]])
-        samples, exact = results[ARMS[0]][name].shape[-1], [target_distribution(r) for r in reqs]
-        draws = [[rng.choice(101, samples, p=p) for p in exact] for _ in range(reps)]
-        out[name, "ref"] = np.mean([answer_stats(reqs, np.stack(d)) for d in draws], axis=0)
-    return out
-
-
-# %% [markdown]
-# ## Figures
-
-
 # %%
-COLORS = ("tab:blue", "tab:orange")  # CoT, direct
-
-
 def plot_distributions(system: dict, results: dict, stats: dict, path: pathlib.Path) -> None:
     """The headline. Left: the widest systematic request (dice 0..50), all seeds pooled.
     Right: each seed's systematic TV in excess of the floor, CoT beside direct."""
-    name = ("dice", "systematic")
+    name, colors = ("dice", "systematic"), ("tab:blue", "tab:orange")  # CoT, direct
     with plt.rc_context({"font.size": 13}):
         fig, (ax, bar_ax) = plt.subplots(1, 2, figsize=(12, 4.8))
         req = system[name][-1]
         ax.step(np.arange(101), target_distribution(req), "k", where="mid", lw=2.5, label="target")
-        for arm, color in zip(ARMS, COLORS):
+        for arm, color in zip(ARMS, colors):
             answers = results[arm][name][:, -1].reshape(-1)  # all seeds pooled
             freq = np.bincount(answers + 1, minlength=102)[1:] / len(answers)
             ax.step(np.arange(101), freq, where="mid", color=color, alpha=0.85, label=arm)
@@ -583,7 +521,7 @@ def plot_distributions(system: dict, results: dict, stats: dict, path: pathlib.P
         for line in ax.legend().get_lines():
             line.set(linewidth=2.5, alpha=1.0)  # legible at README width
         floor, seeds = stats[name, "ref"][1], np.arange(len(stats[name, "cot"]))
-        for i, (arm, color) in enumerate(zip(ARMS, COLORS)):
+        for i, (arm, color) in enumerate(zip(ARMS, colors)):
             excess = stats[name, arm][:, 1] - floor
             bar_ax.bar(seeds + (i - 0.5) * 0.4, excess, 0.4, color=color, label=arm)
         bar_ax.set(xlabel="seed", ylabel="TV excess over the floor", xticks=seeds)
@@ -595,7 +533,7 @@ def plot_distributions(system: dict, results: dict, stats: dict, path: pathlib.P
 
 # %% [markdown]
 # ## Main
-# Validate, train each arm, evaluate both held-out splits, write the figures and metrics.
+# Validate, train each arm, sample both held-out splits, score them, write the figure and metrics.
 
 
 # %%
@@ -612,7 +550,7 @@ def validate(cfg: Config) -> None:
 
 
 def eval_sets(num_requests: int) -> dict:
-    """Fixed evaluation requests per (family, split) of the random split."""
+    """The random split's evaluation requests: a fixed pick per (family, seen or heldout)."""
     rng, sets = np.random.default_rng(SPLIT_SEED + 1), {}
     for (fam, split), reqs in split_requests().items():
         if split != "systematic":
@@ -621,31 +559,35 @@ def eval_sets(num_requests: int) -> dict:
     return sets
 
 
-def summarize(stats: dict, sets: dict) -> dict:
-    """metrics.json's results: the random split (`sets`) per family and its held-out means, the
-    systematic split per seed (TV in excess of the floor, validity) with the bars beside."""
-    m, held = {}, {}
-    for fam, split in sets:
+def score(sets: dict, results: dict, rng: np.random.Generator) -> tuple[dict, dict]:
+    """Validity and TV per set, arm and seed, and per set the same for exact samples of the same
+    size, mean of 4 draws (the TV floor). Returns them, and metrics.json's results: the random
+    split per family and its held-out means over families, the systematic split per seed."""
+    stats, m = {}, {}
+    for name, reqs in sets.items():
         for arm in ARMS:
-            per_seed = stats[(fam, split), arm]  # (seeds, 2): validity, tv
-            m[f"{fam}_{split}_{arm}_validity"] = per_seed[:, 0].mean()
-            m[f"{fam}_{split}_{arm}_tv"] = per_seed[:, 1].mean()
-            m[f"{fam}_{split}_{arm}_tv_std"] = per_seed[:, 1].std()
-            if split == "heldout":
-                held.setdefault(arm, []).append(per_seed)
+            stats[name, arm] = np.array([answer_stats(reqs, a) for a in results[arm][name]])
+        samples, exact = results["cot"][name].shape[-1], [target_distribution(r) for r in reqs]
+        draws = [[rng.choice(101, samples, p=p) for p in exact] for _ in range(4)]
+        stats[name, "ref"] = np.mean([answer_stats(reqs, np.stack(d)) for d in draws], axis=0)
+    for fam, split in [name for name in sets if name[1] != "systematic"]:
+        for arm in ARMS:
+            validity, tv = stats[(fam, split), arm].T  # per seed
+            m[f"{fam}_{split}_{arm}_validity"] = validity.mean()
+            m[f"{fam}_{split}_{arm}_tv"], m[f"{fam}_{split}_{arm}_tv_std"] = tv.mean(), tv.std()
         m[f"{fam}_{split}_tv_floor"] = stats[(fam, split), "ref"][1]
-    for arm, per_family in held.items():
-        per_seed = np.mean(per_family, axis=0)  # mean over families, per seed
+    for arm in ARMS:
+        per_seed = np.mean([stats[(fam, "heldout"), arm] for fam in FAMILIES], axis=0)
         for col, what in enumerate(("validity", "tv")):
             m[f"heldout_{what}_{arm}"] = per_seed[:, col].mean()
             m[f"heldout_{what}_{arm}_std"] = per_seed[:, col].std()
-    m["heldout_tv_floor"] = np.mean([m[f"{f}_heldout_tv_floor"] for f in FAMILIES])
-    name, excess = ("dice", "systematic"), {}
+    m["heldout_tv_floor"] = np.mean([m[f"{fam}_heldout_tv_floor"] for fam in FAMILIES])
+    name = ("dice", "systematic")
     m["systematic_heldout_tv_floor"] = floor = stats[name, "ref"][1]
+    excess = {arm: stats[name, arm][:, 1] - floor for arm in ARMS}
     for arm in ARMS:
-        excess[arm], validity = stats[name, arm][:, 1] - floor, stats[name, arm][:, 0]
         m[f"systematic_heldout_tv_{arm}"] = stats[name, arm][:, 1].mean()
-        for what, per_seed in (("tv_excess", excess[arm]), ("validity", validity)):
+        for what, per_seed in (("tv_excess", excess[arm]), ("validity", stats[name, arm][:, 0])):
             m[f"systematic_heldout_{what}_{arm}"] = per_seed.mean()
             m[f"systematic_heldout_{what}_{arm}_min"] = per_seed.min()
             m[f"systematic_heldout_{what}_{arm}_max"] = per_seed.max()
@@ -653,7 +595,7 @@ def summarize(stats: dict, sets: dict) -> dict:
     # (1e-6 stands in for a direct excess <= 0, which would make the ratio infinite or negative).
     ratio = excess["cot"] / np.maximum(excess["direct"], 1e-6)
     m["systematic_heldout_tv_excess_ratio_max"] = ratio.max()
-    return {k: float(v) for k, v in m.items()}
+    return stats, {k: float(v) for k, v in m.items()}
 
 
 def main(cfg: Config) -> dict:
@@ -664,12 +606,10 @@ def main(cfg: Config) -> dict:
     init, apply = make_model_fns(cfg)
     num_params = int(sum(x.size for x in jax.tree.leaves(init(jax.random.key(0)))))
     timer.lap("setup")
-    results, metrics, train_time = {}, {}, 0.0
-    pbar = tqdm(total=2 * min(5, cfg.steps), desc="chunks", disable=None)
+    results, metrics = {}, {}
     for cot, arm in zip((True, False), ARMS):
-        params, metrics[f"{arm}_train_loss"], secs = train(cfg, cot, init, apply, pbar)
+        params, metrics[f"{arm}_train_loss"] = train(cfg, cot, init, apply)
         metrics[f"{arm}_train_loss_floor"] = loss_floor(cot)  # last chunk's mean, and its floor
-        train_time += secs
         timer.lap("train")
         generate = make_generate(apply, cot, cfg)
         key = jax.random.fold_in(jax.random.key(cfg.seed), 7)
@@ -677,8 +617,7 @@ def main(cfg: Config) -> dict:
         key = jax.random.fold_in(key, 1)
         results[arm] |= evaluate(generate, params, system, cfg.heldout_samples, key, cfg, cot)
         timer.lap("evaluate")
-    pbar.close()
-    stats = split_metrics(sets | system, results, np.random.default_rng(cfg.seed))
+    stats, scores = score(sets | system, results, np.random.default_rng(cfg.seed))
     metrics |= {
         "task": "cot",
         "seed": cfg.seed,
@@ -688,9 +627,9 @@ def main(cfg: Config) -> dict:
         "preset": getattr(cfg, "preset", "cpu"),
         **device_info(),
         # training steps per second, every seed of both arms counted (compilation included)
-        "throughput": 2 * cfg.steps * cfg.num_seeds / train_time,
+        "throughput": 2 * cfg.steps * cfg.num_seeds / timer.split["train"],
         "throughput_unit": "model-steps/s",
-        **summarize(stats, sets),
+        **scores,
         "systematic_heldout_requests": len(system[("dice", "systematic")]),
         "systematic_heldout_samples": cfg.heldout_samples,
         **BARS,

@@ -10,14 +10,6 @@ left; "right" moves right with probability 0.5, else left. Reaching s1 pays 1 if
 on the way, else 0.01. A fair walk from s2 hits s6 before s1 with probability 1/5, so the best
 any policy can do is 0.2 * 1 + 0.8 * 0.01 = 0.208.
 
-The agent has two levels, each a small MLP Q-network with its own replay buffer, target network
-and Adam optimiser. The meta-controller picks a goal g in {s1..s6} and learns from the extrinsic
-reward F summed over the option; the controller acts until it reaches g (intrinsic reward 1):
-    Q2(s, g) <- F + gamma * max_g' Q2(s', g'),     Q1(s, a; g) <- r + gamma * max_a' Q1(s', a'; g).
-The baseline is a flat DQN on the same one-hot state. That state does not say whether s6 was
-visited, so the reward is not Markov for it: "right" in s3..s5 is right on the way out and wrong
-on the way back. PureJaxRL style: `lax.scan` runs the steps under `jax.jit`, `jax.vmap` the seeds.
-
     python tasks/hdqn.py                 # 5 seeds of h-DQN and flat DQN, figures and metrics.json
     python tasks/hdqn.py --preset paper  # the paper's 10 runs, learning rate and epsilon schedule
     python tasks/hdqn.py --help          # every option
@@ -25,12 +17,9 @@ on the way back. PureJaxRL style: `lax.scan` runs the steps under `jax.jit`, `ja
 Expected result (defaults: 5 seeds, 60k steps per seed and agent; about 35 s on 2 CPU cores):
 average extrinsic reward over the last 1000 episodes, h-DQN 0.144 +- 0.009 (paper: about 0.13),
 flat DQN 0.065 +- 0.005 (paper: about 0.01), optimum 0.208. The bars (in metrics.json): h-DQN
->= 0.13 and h-DQN >= 2x flat DQN. All results, and why the flat DQN misses 0.01: docs/hdqn.md.
-
-Differences from the paper (details in docs/hdqn.md): "right" in s6 moves left (a wall); an
-episode also ends, unpaid, after `time_limit` = 50 steps (the optimum is still 0.2080); epsilon1_g
-is annealed linearly from 1 to 0.1 in the number of times g was reached (the paper gives no
-formula); the network and buffer sizes are ours; the `paper` preset runs 200k steps.
+>= 0.13 and h-DQN >= 2x flat DQN. Differences from the paper ("right" in s6 moves left, a 50-step
+time limit, how epsilon1_g is annealed, our sizes), all results, and why the flat DQN misses 0.01:
+docs/hdqn.md.
 """
 
 # %% [markdown]
@@ -78,8 +67,7 @@ def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, h
 
 
 def check_out_dir(out_dir: str) -> None:
-    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
-    The run replaces it whole, so a folder holding anything else is refused."""
+    """Raise unless out_dir is new, empty or an earlier run's folder (a run replaces it whole)."""
     path = pathlib.Path(out_dir).resolve()
     if path.exists() and not path.is_dir():
         raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
@@ -95,8 +83,7 @@ def check_out_dir(out_dir: str) -> None:
 
 @contextlib.contextmanager
 def staged_run(out_dir: str):
-    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
-    or killed run leaves the previous results as they were, never a mix of two runs."""
+    """Yield a fresh folder for the run; only on success does it replace out_dir, whole."""
     final = pathlib.Path(out_dir).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
@@ -137,9 +124,8 @@ def save_figure(fig, path) -> None:
 
 
 class PhaseTimer:
-    """Wall time of each phase of a run, for metrics.json's `time_split_s`. Call `lap(phase)` at
-    the end of each phase: "setup" (data, model, compilation where it happens before training),
-    "train", "evaluate", "figures"; a phase lapped twice adds up. `lap` returns the total so far."""
+    """Seconds per phase ("setup", "train", "evaluate", "figures") for metrics' `time_split_s`:
+    `lap(phase)` ends a phase (a phase lapped twice adds up) and returns the total so far."""
 
     def __init__(self):
         self.start = self.last = time.perf_counter()
@@ -153,8 +139,8 @@ class PhaseTimer:
 
 
 def cli_config(args: list[str] | None = None) -> "Config":
-    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
-    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    """Flags to a Config: `--preset NAME` picks the defaults (PRESETS), other flags override them;
+    in a notebook the flags come from $TOY_EXAMPLES_ARGS, not from the kernel's argv."""
     if args is None:
         in_kernel = "ipykernel" in sys.modules
         args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
@@ -164,8 +150,7 @@ def cli_config(args: list[str] | None = None) -> "Config":
 
 
 def run_cli() -> dict:
-    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
-    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    """Command line: a bad option exits 2 before any work; missing data or divergence exits 1."""
     cfg = cli_config()
     try:
         validate(cfg)
@@ -187,10 +172,8 @@ def device_info() -> dict:
 
 
 def shard_seeds(tree):
-    """Split the leading (seed) axis of every array in `tree` over all local devices, with a 1-D
-    Mesh and a NamedSharding: jit then runs each device's seeds on that device, so 8 accelerators
-    train 8x the seeds in about the same time. A seed count that the device count does not divide
-    is padded by repeating the last seed; keep the first num_seeds rows of every result."""
+    """Split the leading (seed) axis of every array in `tree` over the local devices (a 1-D Mesh,
+    a NamedSharding), padded by repeating the last seed: keep the first num_seeds rows after."""
     devices = jax.devices()
     pad = -jax.tree.leaves(tree)[0].shape[0] % len(devices)
     if pad:
@@ -246,17 +229,14 @@ NUM_STATES, NUM_ACTIONS = 6, 2  # states: index 0..5 is s1..s6
 TERMINAL, START, GOAL_STATE = 0, 1, 5  # s1, s2, s6
 LEFT, RIGHT = 0, 1
 tree_where = lambda cond, new, old: jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
-set_where = lambda arr, i, cond, x: arr.at[i].set(jnp.where(cond, x, arr[i]))  # arr[i] = x if cond
-# position 0..5, "s6 visited" (the part of the history the reward depends on), steps taken
-EnvState = collections.namedtuple("EnvState", "pos visited_s6 t")
+EnvState = collections.namedtuple("EnvState", "pos visited_s6 t")  # t: steps taken
 env_reset = lambda: EnvState(jnp.int32(START), jnp.bool_(False), jnp.int32(0))
-env_auto_reset = lambda state, done: tree_where(done, env_reset(), state)
 one_hot_state = lambda pos: jax.nn.one_hot(pos, NUM_STATES)  # the observation, (6,)
 # the controller sees state and goal, both one-hot: (12,)
 controller_obs = lambda pos, goal: jnp.concatenate([one_hot_state(pos), one_hot_state(goal)])
 
 
-def env_step(key, state: EnvState, action, time_limit: int):
+def env_step(key: jax.Array, state: EnvState, action: jax.Array, time_limit: int):
     """One transition: returns (next state, extrinsic reward, done). Pure, so it jits and vmaps."""
     moves_right = (action == RIGHT) & (jax.random.uniform(key) < 0.5) & (state.pos < GOAL_STATE)
     pos = jnp.where(moves_right, state.pos + 1, state.pos - 1)  # in s6, "right" moves left
@@ -290,32 +270,25 @@ def solve_mdp(horizon: int, policy: np.ndarray | None = None) -> float:
 
 
 # %% [markdown]
-# ## Model, replay and the TD update
-# One DQN core serves the meta-controller, the controller and the flat DQN: an MLP, a replay
-# buffer, a target network $\theta^-$ copied every `target_period` steps, and Adam on the Huber
-# loss of the Q-learning error
+# ## One DQN core: network, replay buffer and TD update
+# It serves the meta-controller, the controller and the flat DQN: an MLP, a replay buffer, a
+# target network $\theta^-$ copied every `target_period` steps, and Adam on the Huber loss of
 # $$\delta = Q_\theta(s, a) - \big(r + \gamma\,(1 - \text{done})
-# \max_{a'} Q_{\theta^-}(s', a')\big).$$
-# The gradient is w.r.t. the *online* parameters (the public reference took the wrong ones).
-
+# \max_{a'} Q_{\theta^-}(s', a')\big),$$
+# differentiated w.r.t. the *online* parameters (the public reference took the wrong ones).
 
 # %%
 # a ring buffer of transitions; done is 1.0 where the target must not bootstrap
 Buffer = collections.namedtuple("Buffer", "obs action reward next_obs done ptr size")
-# one DQN: online and target parameters, Adam's state, its own replay buffer, and the TD loss of
-# the last update (0 before the first full batch), which the host checks for divergence
+# loss: that of the last update (0 before the first full batch), checked for divergence
 Learner = collections.namedtuple("Learner", "params target_params opt_state buffer loss")
+linear_epsilon = lambda progress: jnp.maximum(EPS_MIN, 1.0 - (1.0 - EPS_MIN) * progress)  # 1 -> 0.1
 
 
-def buffer_add(buf: Buffer, obs, action, reward, next_obs, done, valid) -> Buffer:
-    """Write one transition if `valid` (a traced bool); otherwise leave the buffer unchanged."""
-    fields = zip(buf[:5], (obs, action, reward, next_obs, done.astype(jnp.float32)))
-    capacity = buf.action.shape[0]
-    return Buffer(
-        *(set_where(arr, buf.ptr, valid, x) for arr, x in fields),
-        (buf.ptr + valid) % capacity,
-        jnp.minimum(buf.size + valid, capacity),
-    )
+def epsilon_greedy(key: jax.Array, q: jax.Array, epsilon: jax.Array) -> jax.Array:
+    explore_key, pick_key = jax.random.split(key)
+    random_choice = jax.random.randint(pick_key, (), 0, q.shape[-1])
+    return jnp.where(jax.random.uniform(explore_key) < epsilon, random_choice, q.argmax())
 
 
 def make_dqn(cfg: Config, in_dim: int, out_dim: int):
@@ -332,18 +305,21 @@ def make_dqn(cfg: Config, in_dim: int, out_dim: int):
                         zeros(n), jnp.int32(0), jnp.int32(0))  # fmt: skip
         return Learner(params, params, tx.init(params), buffer, jnp.float32(0.0))
 
-    def loss_fn(params, target_params, batch) -> jax.Array:
-        obs, action, reward, next_obs, done = batch
+    def loss_fn(params, target_params, obs, action, reward, next_obs, done) -> jax.Array:
         q = jnp.take_along_axis(q_values(params, obs), action[:, None], axis=1)[:, 0]
         target = reward + cfg.gamma * (1.0 - done) * q_values(target_params, next_obs).max(-1)
         return optax.huber_loss(q, jax.lax.stop_gradient(target)).mean()
 
-    def update(learner: Learner, key, step, *transition) -> Learner:
-        """Store `transition` (buffer_add's arguments), then one Adam step on a replay minibatch."""
-        buf = buffer_add(learner.buffer, *transition)
+    def update(learner, key, step, obs, action, reward, next_obs, done, store) -> Learner:
+        """Store the transition if `store` (a traced bool), then one Adam step on a minibatch."""
+        buf, new = learner.buffer, (obs, action, reward, next_obs, done.astype(jnp.float32))
+        buf = Buffer(
+            *(arr.at[buf.ptr].set(jnp.where(store, x, arr[buf.ptr])) for arr, x in zip(buf, new)),
+            (buf.ptr + store) % cfg.buffer_size, jnp.minimum(buf.size + store, cfg.buffer_size),
+        )  # fmt: skip
         idx = jax.random.randint(key, (cfg.batch_size,), 0, jnp.maximum(buf.size, 1))
-        batch = buf.obs[idx], buf.action[idx], buf.reward[idx], buf.next_obs[idx], buf.done[idx]
-        loss, grads = jax.value_and_grad(loss_fn)(learner.params, learner.target_params, batch)
+        batch = (field[idx] for field in buf[:5])
+        loss, grads = jax.value_and_grad(loss_fn)(learner.params, learner.target_params, *batch)
         updates, opt_state = tx.update(grads, learner.opt_state, learner.params)
         ready = buf.size >= cfg.batch_size  # no learning before one full batch
         old = learner.params, learner.opt_state
@@ -356,56 +332,30 @@ def make_dqn(cfg: Config, in_dim: int, out_dim: int):
     return init, q_values, update
 
 
-linear_epsilon = lambda progress: jnp.maximum(EPS_MIN, 1.0 - (1.0 - EPS_MIN) * progress)  # 1 -> 0.1
-
-
-def epsilon_greedy(key: jax.Array, q: jax.Array, epsilon: jax.Array) -> jax.Array:
-    explore_key, pick_key = jax.random.split(key)
-    random_choice = jax.random.randint(pick_key, (), 0, q.shape[-1])
-    return jnp.where(jax.random.uniform(explore_key) < epsilon, random_choice, q.argmax())
-
-
 # %% [markdown]
-# ## One environment step of each agent, and training
-# The agent lives in a carry; `step(carry) -> carry` acts, stores, learns and resets. h-DQN
-# (Algorithm 1): (1) the meta-controller picks a goal when an option starts ($\epsilon_2$);
-# (2) the controller acts towards it ($\epsilon_{1,g}$); (3) the internal critic pays 1 on
-# reaching $g$, which ends the option, and the meta-controller stores $(s_0, g, F, s')$ once per
-# option; (4) each level takes one replay update per step. Training: `lax.scan` runs
-# `num_steps / 10` steps of every seed under one `jax.jit`; the host sees training 10 times, to
-# check that the TD loss is finite and to print a log line.
-
+# ## The two agents, one environment step at a time
+# h-DQN stacks two DQN cores. The meta-controller picks a goal $g \in \{s_1, \dots, s_6\}$ and
+# learns from the extrinsic reward $F$ summed over the option; the controller acts until it
+# reaches $g$, paid $r = 1$ by the internal critic when it does:
+# $$Q_2(s, g) \leftarrow F + \gamma \max_{g'} Q_2(s', g'),\qquad
+# Q_1(s, a; g) \leftarrow r + \gamma \max_{a'} Q_1(s', a'; g).$$
+# The flat DQN is one DQN core on the one-hot state, which does not say whether s6 was visited:
+# for it the reward is not Markov ("right" in s3..s5 is right on the way out, wrong on the way
+# back). Each agent's `step(carry)` acts, learns, resets a finished episode, and reports.
 
 # %%
-# per finished episode: reward, steps in each state; episodes finished; the running visits
-EpisodeLog = collections.namedtuple("EpisodeLog", "reward visits count current_visits")
 # h-DQN: the goal, where it was chosen and the extrinsic reward F since then, whether a new goal
-# is due, and the times each goal was reached (for epsilon1_g); then both levels and the log
+# is due, and the times each goal was reached (for epsilon1_g); then both levels
 HdqnCarry = collections.namedtuple(
-    "HdqnCarry",
-    "key step env goal option_start option_reward need_goal goal_reached meta ctrl log",
+    "HdqnCarry", "key step env goal option_start option_reward need_goal goal_reached meta ctrl"
 )
-FlatCarry = collections.namedtuple("FlatCarry", "key step env dqn log")
-
-
-def log_init(capacity: int) -> EpisodeLog:
-    zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
-    return EpisodeLog(jnp.zeros(capacity), zeros(capacity, NUM_STATES), zeros(), zeros(NUM_STATES))
-
-
-def log_step(log: EpisodeLog, pos: jax.Array, reward: jax.Array, done: jax.Array) -> EpisodeLog:
-    visits = log.current_visits + one_hot_state(pos).astype(jnp.int32)
-    idx = jnp.minimum(log.count, log.reward.shape[0] - 1)
-    return EpisodeLog(
-        set_where(log.reward, idx, done, reward),  # the finished episode's row
-        set_where(log.visits, idx, done, visits),
-        log.count + done,
-        jnp.where(done, 0, visits),
-    )
+FlatCarry = collections.namedtuple("FlatCarry", "key step env dqn")
+# what each step reports: the position after it, the extrinsic reward, whether the episode ended
+Trajectory = collections.namedtuple("Trajectory", "pos reward done")
 
 
 def make_hdqn(cfg: Config):
-    """Returns (init(key) -> HdqnCarry, step(carry) -> carry) for one seed."""
+    """Returns (init(key) -> HdqnCarry, step(carry) -> (carry, Trajectory)) for one seed."""
     meta_init, meta_q, meta_update = make_dqn(cfg, NUM_STATES, NUM_STATES)
     ctrl_init, ctrl_q, ctrl_update = make_dqn(cfg, 2 * NUM_STATES, NUM_ACTIONS)
 
@@ -415,18 +365,17 @@ def make_hdqn(cfg: Config):
         return HdqnCarry(
             key, zero, env_reset(), zero, zero, jnp.float32(0.0), jnp.bool_(True),
             jnp.zeros(NUM_STATES, jnp.int32), meta_init(meta_key), ctrl_init(ctrl_key),
-            log_init(cfg.num_steps),
         )  # fmt: skip
 
-    def step(c: HdqnCarry) -> HdqnCarry:
+    def step(c: HdqnCarry) -> tuple[HdqnCarry, Trajectory]:
         key, goal_key, act_key, env_key, meta_key, ctrl_key = jax.random.split(c.key, 6)
         pos = c.env.pos
-        # 1. meta-controller: a new goal at the start of an episode or after an option ends
+        # 1. meta-controller: a new goal (epsilon2) at the start of an episode or of an option
         eps_meta = linear_epsilon(c.step / (cfg.anneal_frac * cfg.num_steps))
         new_goal = epsilon_greedy(goal_key, meta_q(c.meta.params, one_hot_state(pos)), eps_meta)
-        goal = jnp.where(c.need_goal, new_goal, c.goal)
-        option_start = jnp.where(c.need_goal, pos, c.option_start)
-        option_reward = jnp.where(c.need_goal, 0.0, c.option_reward)
+        goal, option_start, option_reward = tree_where(
+            c.need_goal, (new_goal, pos, 0.0), (c.goal, c.option_start, c.option_reward)
+        )
         # 2. controller: one action towards the goal, epsilon1_g annealed per goal
         eps_goal = linear_epsilon(c.goal_reached[goal] / cfg.goal_anneal_reaches)
         action = epsilon_greedy(act_key, ctrl_q(c.ctrl.params, controller_obs(pos, goal)), eps_goal)
@@ -444,75 +393,87 @@ def make_hdqn(cfg: Config):
             c.meta, meta_key, c.step, one_hot_state(option_start), goal, option_reward,
             one_hot_state(env.pos), done, option_end,
         )  # fmt: skip
-        return HdqnCarry(
-            key, c.step + 1, env_auto_reset(env, done),
-            goal, option_start, option_reward, option_end,
-            c.goal_reached.at[goal].add(reached.astype(jnp.int32)), meta, ctrl,
-            log_step(c.log, env.pos, reward, done),
-        )  # fmt: skip
+        goal_reached = c.goal_reached.at[goal].add(reached.astype(jnp.int32))
+        carry = HdqnCarry(key, c.step + 1, tree_where(done, env_reset(), env), goal, option_start,
+                          option_reward, option_end, goal_reached, meta, ctrl)  # fmt: skip
+        return carry, Trajectory(env.pos, reward, done)
 
     return init, step
 
 
 def make_flat_dqn(cfg: Config):
-    """Returns (init(key) -> FlatCarry, step(carry) -> carry): a plain DQN on the same MDP."""
+    """Returns (init(key) -> FlatCarry, step(carry) -> (carry, Trajectory)): a plain DQN."""
     dqn_init, dqn_q, dqn_update = make_dqn(cfg, NUM_STATES, NUM_ACTIONS)
 
     def init(key: jax.Array) -> FlatCarry:
         key, net_key = jax.random.split(key)
-        return FlatCarry(key, jnp.int32(0), env_reset(), dqn_init(net_key), log_init(cfg.num_steps))
+        return FlatCarry(key, jnp.int32(0), env_reset(), dqn_init(net_key))
 
-    def step(c: FlatCarry) -> FlatCarry:
+    def step(c: FlatCarry) -> tuple[FlatCarry, Trajectory]:
         key, act_key, env_key, learn_key = jax.random.split(c.key, 4)
         obs = one_hot_state(c.env.pos)
         epsilon = linear_epsilon(c.step / (cfg.anneal_frac * cfg.num_steps))
         action = epsilon_greedy(act_key, dqn_q(c.dqn.params, obs), epsilon)
         env, reward, done = env_step(env_key, c.env, action, cfg.time_limit)
-        dqn = dqn_update(
-            c.dqn, learn_key, c.step, obs, action, reward, one_hot_state(env.pos), done, True
-        )
-        log = log_step(c.log, env.pos, reward, done)
-        return FlatCarry(key, c.step + 1, env_auto_reset(env, done), dqn, log)
+        next_obs = one_hot_state(env.pos)
+        dqn = dqn_update(c.dqn, learn_key, c.step, obs, action, reward, next_obs, done, True)
+        carry = FlatCarry(key, c.step + 1, tree_where(done, env_reset(), env), dqn)
+        return carry, Trajectory(env.pos, reward, done)
 
     return init, step
 
 
+# %% [markdown]
+# ## Training
+# `lax.scan` runs `num_steps / 10` steps of every seed under one `jax.jit`, and `jax.vmap` runs
+# the seeds side by side, split over the devices. The host sees training 10 times, to log and to
+# collect the trajectory; an episode's reward is that of its last step.
+
+# %%
+# per seed: the reward of each finished episode (zero-padded to num_steps), and their number
+EpisodeLog = collections.namedtuple("EpisodeLog", "reward count")
+Run = collections.namedtuple("Run", "carry trajectory log")  # per seed, (seeds, ...) arrays
+
+
 @functools.lru_cache
 def make_train(cfg: Config, agent: str):
-    """Returns jitted (init(keys), run_chunk(carry)) for all seeds of "hdqn" or "dqn" (cached)."""
+    """Returns jitted (init(keys), run_chunk(carry) -> (carry, Trajectory)) for all seeds of
+    "hdqn" or "dqn" (cached)."""
     init, step = make_hdqn(cfg) if agent == "hdqn" else make_flat_dqn(cfg)
     chunk = cfg.num_steps // NUM_CHUNKS
-    scan_chunk = lambda c: jax.lax.scan(lambda c, _: (step(c), None), c, None, chunk)[0]
+    scan_chunk = lambda carry: jax.lax.scan(lambda c, _: step(c), carry, None, chunk)
     return jax.jit(jax.vmap(init)), jax.jit(jax.vmap(scan_chunk))  # vmap over seeds
 
 
 def init_carry(cfg: Config, agent: str) -> HdqnCarry | FlatCarry:
     """The initial carry of every seed of one agent, its seed axis split over the local devices."""
     base = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), {"hdqn": 0, "dqn": 1}[agent])
-    keys = jax.random.split(base, cfg.num_seeds)
-    return shard_seeds(make_train(cfg, agent)[0](keys))
+    return shard_seeds(make_train(cfg, agent)[0](jax.random.split(base, cfg.num_seeds)))
 
 
-def train(cfg: Config, agent: str, timing: dict | None = None):
-    """Trains all seeds of "hdqn" or "dqn"; returns the final carry of every seed, on the host.
-    timing[agent] = (env steps, seconds) of the chunks after the first (which compiles)."""
+def train(cfg: Config, agent: str, timing: dict | None = None) -> Run:
+    """Trains all seeds of "hdqn" or "dqn"; returns their Run, on the host. timing[agent] =
+    (env steps, seconds) of the chunks after the first, which compiles."""
     run_chunk, chunk = make_train(cfg, agent)[1], cfg.num_steps // NUM_CHUNKS
-    carry = init_carry(cfg, agent)
+    host = lambda tree: jax.tree.map(lambda x: np.asarray(x[: cfg.num_seeds]), tree)  # no padding
+    carry, chunks = init_carry(cfg, agent), []
     for i in tqdm(range(NUM_CHUNKS), desc=f"{agent} chunks", disable=None):
         if i == 1:
             timed_from = time.perf_counter()
-        carry = run_chunk(carry)
-        loss = carry.dqn.loss if agent == "dqn" else carry.meta.loss + carry.ctrl.loss
-        if not np.isfinite(np.asarray(loss)[: cfg.num_seeds]).all():  # a diverged learner
-            raise FloatingPointError(f"{agent} diverged at step {(i + 1) * chunk}: the TD loss is "
-                                     "not finite; try a smaller --learning-rate")  # fmt: skip
-        counts = np.asarray(carry.log.count)[: cfg.num_seeds]
-        recent = last_episodes_mean(np.asarray(carry.log.reward)[: cfg.num_seeds], counts)
-        print(f"agent={agent} step={(i + 1) * chunk} episodes={int(counts.min())} "
-              f"reward_last{LAST_EPISODES}={recent.mean():.4f}")  # fmt: skip
+        carry, trajectory = run_chunk(carry)
+        chunks.append(host(trajectory))
+        print(f"agent={agent} step={(i + 1) * chunk} reward_per_episode="
+              f"{chunks[-1].reward.sum() / max(chunks[-1].done.sum(), 1):.4f}")  # fmt: skip
     if timing is not None:
         timing[agent] = (cfg.num_seeds * (cfg.num_steps - chunk), time.perf_counter() - timed_from)
-    return jax.tree.map(lambda x: x[: cfg.num_seeds], jax.device_get(carry))
+    carry, trajectory = host(carry), Trajectory(*(np.concatenate(x, axis=1) for x in zip(*chunks)))
+    loss = carry.dqn.loss if agent == "dqn" else carry.meta.loss + carry.ctrl.loss
+    if not np.isfinite(loss).all():  # NaN weights stay NaN, so the last loss tells
+        raise FloatingPointError(f"{agent} diverged: the TD loss is not finite; try a smaller "
+                                 "--learning-rate")  # fmt: skip
+    reward, done = trajectory.reward, trajectory.done  # an episode's reward is its last step's
+    rewards = [np.pad(r[d], (0, len(r) - d.sum())) for r, d in zip(reward, done)]  # zero-padded
+    return Run(carry, trajectory, EpisodeLog(np.stack(rewards), done.sum(1)))
 
 
 # %% [markdown]
@@ -520,63 +481,23 @@ def train(cfg: Config, agent: str, timing: dict | None = None):
 # The headline: extrinsic reward over the last 1000 episodes of each seed, mean over seeds. The
 # flat DQN's two $Q(s_2, \cdot)$ stay about 0.02 apart, so its greedy action keeps flipping.
 # `reward.png` is the paper's Fig. 3 (its Fig. 4, visits to s3..s6: studies/hdqn_visits.py).
-# `main` validates every option before any work and writes metrics.json last, into a run folder
-# that replaces the old one whole.
 
 
 # %%
 def last_episodes_mean(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Per seed: the mean of `values` (reward or visits) over its last 1000 finished episodes, or
-    over all of them in a short run (validate ensures every seed finishes at least one)."""
+    """Per seed: the mean of `values` over its last 1000 finished episodes, or over all of them in
+    a short run (validate ensures every seed finishes at least one)."""
     return np.stack([v[max(0, n - LAST_EPISODES) : n].mean(0) for v, n in zip(values, counts)])
 
 
-def per_bin(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Averages per 1000 episodes, over the bins all seeds finished: (seeds, bins, ...)."""
-    bins = int(counts.min()) // LAST_EPISODES
-    shape = (values.shape[0], bins, LAST_EPISODES) + values.shape[2:]
-    return values[:, : bins * LAST_EPISODES].reshape(shape).mean(2)
-
-
-def evaluate(cfg: Config, final: dict, timing: dict) -> dict:
-    """metrics.json's results: rewards per seed, the bars beside them, and the flat DQN's Q(s2)."""
-    metrics = {"task": "hdqn", "seed": cfg.seed, "preset": cfg.preset,
-               "num_seeds": cfg.num_seeds, "num_steps": cfg.num_steps}  # fmt: skip
-    for agent in ("hdqn", "dqn"):
-        log = final[agent].log
-        reward = last_episodes_mean(log.reward, log.count)  # (seeds,)
-        visits = last_episodes_mean(log.visits, log.count)  # (seeds, states)
-        metrics |= {
-            f"{agent}_reward": float(reward.mean()), f"{agent}_reward_std": float(reward.std()),
-            f"{agent}_reward_per_seed": " ".join(f"{r:.4f}" for r in reward),
-            f"{agent}_s6_visits_per_episode": float(visits[:, GOAL_STATE].mean()),
-            f"{agent}_episodes": int(log.count.min()),
-        }  # fmt: skip
-    if (fewest := min(metrics["hdqn_episodes"], metrics["dqn_episodes"])) < LAST_EPISODES:
-        print(f"note: a seed finished only {fewest} episodes; its averages use all of them")
-    q_values = make_dqn(cfg, NUM_STATES, NUM_ACTIONS)[1]
-    q_s2 = np.asarray(jax.vmap(q_values, (0, None))(final["dqn"].dqn.params, one_hot_state(START)))
-    # the flat DQN earns at least 0.01 unless every episode is cut by the time limit; the floor
-    # keeps the ratio finite. Throughput: env steps/s of both compiled loops, first chunk left out.
-    return metrics | {
-        "hdqn_reward_target": PAPER_HDQN_REWARD, "hdqn_reward_paper": PAPER_HDQN_REWARD,
-        "dqn_reward_paper": PAPER_FLAT_REWARD, "hdqn_over_dqn_target": HDQN_OVER_DQN_TARGET,
-        "hdqn_over_dqn": metrics["hdqn_reward"] / max(metrics["dqn_reward"], 1e-6),
-        "optimal_reward": solve_mdp(cfg.time_limit),
-        "always_right_reward": solve_mdp(cfg.time_limit, policy=np.array([0.0, 1.0])),
-        "dqn_q_s2_left": float(q_s2[:, LEFT].mean()),
-        "dqn_q_s2_right": float(q_s2[:, RIGHT].mean()),
-        **device_info(), "wall_time_s_ceiling": WALL_TIME_CEILING_S,
-        "throughput": sum(n for n, _ in timing.values()) / sum(t for _, t in timing.values()),
-        "throughput_unit": "env-steps/s",
-    }  # fmt: skip
-
-
-def plot_reward(final: dict, optimum: float, path: pathlib.Path) -> None:
+def plot_reward(runs: dict, optimum: float, path: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for agent, label, color in (("hdqn", "h-DQN", "tab:blue"), ("dqn", "flat DQN", "tab:red")):
-        curves = per_bin(final[agent].log.reward, final[agent].log.count)  # (seeds, bins)
-        x = np.arange(1, curves.shape[1] + 1)
+        log = runs[agent].log
+        bins = int(log.count.min()) // LAST_EPISODES  # the bins of 1000 episodes all seeds finished
+        curves = log.reward[:, : bins * LAST_EPISODES].reshape(len(log.count), bins, LAST_EPISODES)
+        curves = curves.mean(2)
+        x = np.arange(1, bins + 1)
         ax.plot(x, curves.mean(0), color=color, lw=2, label=f"{label} ({len(curves)} seeds)")
         ax.fill_between(x, curves.min(0), curves.max(0), color=color, alpha=0.2)
     ax.axhline(optimum, color="k", ls="--", label=f"optimum {optimum:.3f}")
@@ -617,16 +538,40 @@ def validate(cfg: Config) -> None:
 
 
 def main(cfg: Config) -> dict:
+    """Validate every option before any work, train both agents, and write the figure, then
+    metrics.json last, into a run folder that replaces the old one whole."""
     validate(cfg)
-    timer, start = PhaseTimer(), time.time()
+    timer, start, timing = PhaseTimer(), time.time(), {}  # timing: agent -> (env steps, seconds)
     timer.lap("setup")  # nothing to load: the environment is a function, compiling is in train
-    timing = {}  # agent -> (environment steps, seconds) of the compiled training loop
-    final = {agent: train(cfg, agent, timing) for agent in ("hdqn", "dqn")}
+    runs = {agent: train(cfg, agent, timing) for agent in ("hdqn", "dqn")}
     timer.lap("train")
-    metrics = evaluate(cfg, final, timing)
+    metrics = {"task": "hdqn", "seed": cfg.seed, "preset": cfg.preset,
+               "num_seeds": cfg.num_seeds, "num_steps": cfg.num_steps}  # fmt: skip
+    for agent, run in runs.items():
+        reward = last_episodes_mean(run.log.reward, run.log.count)  # (seeds,)
+        metrics |= {
+            f"{agent}_reward": float(reward.mean()), f"{agent}_reward_std": float(reward.std()),
+            f"{agent}_reward_per_seed": " ".join(f"{r:.4f}" for r in reward),
+            f"{agent}_episodes": int(run.log.count.min()),
+        }  # fmt: skip
+    q_values = jax.vmap(make_dqn(cfg, NUM_STATES, NUM_ACTIONS)[1], (0, None))
+    q_s2 = np.asarray(q_values(runs["dqn"].carry.dqn.params, one_hot_state(START)))  # (seeds, 2)
+    # the flat DQN earns at least 0.01 unless every episode is cut by the time limit; the floor
+    # keeps the ratio finite. Throughput: env steps/s of both compiled loops, first chunk left out.
+    metrics |= {
+        "hdqn_reward_target": PAPER_HDQN_REWARD, "hdqn_reward_paper": PAPER_HDQN_REWARD,
+        "dqn_reward_paper": PAPER_FLAT_REWARD, "hdqn_over_dqn_target": HDQN_OVER_DQN_TARGET,
+        "hdqn_over_dqn": metrics["hdqn_reward"] / max(metrics["dqn_reward"], 1e-6),
+        "optimal_reward": solve_mdp(cfg.time_limit),
+        "dqn_q_s2_left": float(q_s2[:, LEFT].mean()),
+        "dqn_q_s2_right": float(q_s2[:, RIGHT].mean()),
+        **device_info(), "wall_time_s_ceiling": WALL_TIME_CEILING_S,
+        "throughput": sum(n for n, _ in timing.values()) / sum(t for _, t in timing.values()),
+        "throughput_unit": "env-steps/s",
+    }  # fmt: skip
     timer.lap("evaluate")
     with staged_run(cfg.out_dir) as out:
-        plot_reward(final, metrics["optimal_reward"], out / "reward.png")
+        plot_reward(runs, metrics["optimal_reward"], out / "reward.png")
         timer.lap("figures")
         metrics["time_split_s"], metrics["wall_time_s"] = timer.split, time.time() - start
         shown = [(k, v) for k, v in metrics.items() if not isinstance(v, dict)]

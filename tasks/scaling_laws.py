@@ -1,27 +1,20 @@
 """Scaling laws on MNIST: how a CNN's validation loss falls with model size and with data size.
 
-Over a wide range, the held-out loss of a network is a power law in the resource that limits it,
-plus a floor (Hestness et al. 2017; Kaplan et al. 2020, "Scaling Laws for Neural Language Models"),
-and the two limits add up (Hoffmann et al. 2022, "Chinchilla"):
+Held-out loss is a power law in the resource that limits it, plus a floor (Hestness et al. 2017;
+Kaplan et al. 2020), and the two limits add up (Hoffmann et al. 2022, "Chinchilla"):
 
     L(x) = E + A x^(-alpha)  (x = parameters N or training images D),
     L(N, D) = E + A / N^alpha + B / D^beta.
-
-We measure alpha with a two-layer CNN of width c: c = 16, 8, 4, 2, 1 on all 55,000 training
-images (the model sweep), c = 16 on 55,000 / 2^k images, k = 0..6 (the data sweep), and the
-narrower models on 1/4, 1/16 and 1/64 of the data (for the joint fit). The protocol is the lesson:
-every run gets the same step budget and keeps its best validation loss. Each point is the mean of
-2 paired seeds; the bars are R^2 >= 0.95 for each 1-D fit.
 
     python tasks/scaling_laws.py
     python tasks/scaling_laws.py --help
     python tasks/scaling_laws.py --preset paper   # 8 widths (N over 256x), 9 data sizes, 4 seeds
 
-Expected at defaults (46 runs; about 95 s on 2 CPU cores, see docs/scaling_laws.md):
-model_alpha ~ 0.43 (R^2 ~ 0.98), data_alpha ~ 0.59 (R^2 ~ 0.99), joint alpha ~ 0.45 and
-beta ~ 0.61; the full model reaches ~97% validation and test accuracy. Differences from the
-papers: a tiny CNN, so N spans ~20x and D 64x (256x each with `--preset paper`), not 7 orders of
-magnitude; a fixed step budget, not compute-optimal training.
+Expected at defaults (46 runs, about 2 minutes on 2 CPU cores): model_alpha ~ 0.43 (R^2 ~ 0.98;
+the bars are R^2 >= 0.95 for each 1-D fit), data_alpha ~ 0.59 (R^2 ~ 0.99), joint alpha ~ 0.45
+and beta ~ 0.61, ~97% test accuracy. Unlike the papers: N spans ~20x and D 64x (256x each with
+`--preset paper`), not 7 orders of magnitude, and every run gets the same step budget instead of
+compute-optimal training. Results, settings tried and what the runs found: docs/scaling_laws.md.
 """
 
 # %%
@@ -38,7 +31,6 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from typing import Literal
 
 import jax
@@ -48,10 +40,8 @@ import numpy as np
 import optax
 import tyro
 from flax import nnx
-from scipy.optimize import OptimizeWarning, curve_fit
+from scipy.optimize import least_squares
 from tqdm.auto import tqdm
-
-NUM_TRAIN_FULL = 60_000
 
 
 # %% [markdown]
@@ -79,8 +69,7 @@ def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, h
 
 
 def check_out_dir(out_dir: str) -> None:
-    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
-    The run replaces it whole, so a folder holding anything else is refused."""
+    """Raise unless out_dir is new, empty or an earlier run's folder (a run replaces it whole)."""
     path = pathlib.Path(out_dir).resolve()
     if path.exists() and not path.is_dir():
         raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
@@ -96,8 +85,7 @@ def check_out_dir(out_dir: str) -> None:
 
 @contextlib.contextmanager
 def staged_run(out_dir: str):
-    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
-    or killed run leaves the previous results as they were, never a mix of two runs."""
+    """Yield a fresh folder for the run; only on success does it replace out_dir, whole."""
     final = pathlib.Path(out_dir).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
@@ -138,9 +126,8 @@ def save_figure(fig, path) -> None:
 
 
 class PhaseTimer:
-    """Wall time of each phase of a run, for metrics.json's `time_split_s`. Call `lap(phase)` at
-    the end of each phase: "setup" (data, model, compilation where it happens before training),
-    "train", "evaluate", "figures"; a phase lapped twice adds up. `lap` returns the total so far."""
+    """Seconds per phase ("setup", "train", "evaluate", "figures") for metrics' `time_split_s`:
+    `lap(phase)` ends a phase (a phase lapped twice adds up) and returns the total so far."""
 
     def __init__(self):
         self.start = self.last = time.perf_counter()
@@ -154,8 +141,8 @@ class PhaseTimer:
 
 
 def cli_config(args: list[str] | None = None) -> "Config":
-    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
-    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    """Flags to a Config: `--preset NAME` picks the defaults (PRESETS), other flags override them;
+    in a notebook the flags come from $TOY_EXAMPLES_ARGS, not from the kernel's argv."""
     if args is None:
         in_kernel = "ipykernel" in sys.modules
         args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
@@ -165,8 +152,7 @@ def cli_config(args: list[str] | None = None) -> "Config":
 
 
 def run_cli() -> dict:
-    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
-    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    """Command line: a bad option exits 2 before any work; missing data or divergence exits 1."""
     cfg = cli_config()
     try:
         validate(cfg)
@@ -188,10 +174,8 @@ def device_info() -> dict:
 
 
 def shard_seeds(tree):
-    """Split the leading (seed) axis of every array in `tree` over all local devices, with a 1-D
-    Mesh and a NamedSharding: jit then runs each device's seeds on that device, so 8 accelerators
-    train 8x the seeds in about the same time. A seed count that the device count does not divide
-    is padded by repeating the last seed; keep the first num_seeds rows of every result."""
+    """Split the leading (seed) axis of every array in `tree` over the local devices (a 1-D Mesh,
+    a NamedSharding), padded by repeating the last seed: keep the first num_seeds rows after."""
     devices = jax.devices()
     pad = -jax.tree.leaves(tree)[0].shape[0] % len(devices)
     if pad:
@@ -224,24 +208,26 @@ def read_idx(path: pathlib.Path) -> np.ndarray:
 
 def load_mnist() -> dict[str, np.ndarray]:
     """MNIST: x_train (60000, 28, 28) and x_test (10000, 28, 28) uint8, y_* int32 labels."""
-    folder = data_root() / "mnist"
-    x_train, y_train, x_test, y_test = (read_idx(folder / name) for name in MNIST_SHA256)
-    return {
-        "x_train": x_train,
-        "y_train": y_train.astype(np.int32),
-        "x_test": x_test,
-        "y_test": y_test.astype(np.int32),
-    }
+    arrays = [read_idx(data_root() / "mnist" / name) for name in MNIST_SHA256]
+    keys = ["x_train", "y_train", "x_test", "y_test"]
+    return {key: x.astype(np.int32) if key[0] == "y" else x for key, x in zip(keys, arrays)}
 
 
 # %% [markdown]
-# ## Config
-# The defaults are the 2-core CPU run; `--preset paper` widens both sweeps for an accelerator.
+# ## Config, data and model
+# The defaults are the 2-core CPU run: widths c = 16, 8, 4, 2, 1 on all 55,000 training images
+# (the model sweep), c = 16 on 55,000 / 2^k images, k = 0..6 (the data sweep), and the narrower
+# models on 1/4, 1/16 and 1/64 of the data (for the joint fit), 2 paired seeds a point.
+# `--preset paper` widens both sweeps for an accelerator. A fixed validation split scores every
+# run; the rest is the training pool that the data sweep subsamples. Both convs are 2x2 with
+# stride 2 ("patchify", as in ViT): such a conv is exactly a space-to-depth reshape followed by a
+# matmul, which XLA's CPU GEMM runs fast, $y_{ij} = W\,[x_{2i,2j}, x_{2i,2j+1}, x_{2i+1,2j},
+# x_{2i+1,2j+1}] + b$. So $N(c) = 5c + (8c^2 + 2c) + (980c + 10)$ is known without building it.
 # %%
 @dataclasses.dataclass(frozen=True)
 class Config:
     seed: int = 0  # Base seed; seed i of each point uses seed + i for init, subset and batches.
-    out_dir: str = "runs/scaling_laws"  # Folder for metrics.json, runs.json and the figures.
+    out_dir: str = "runs/scaling_laws"  # Folder for metrics.json, runs.json and the figure.
     num_widths: int = 5  # Model sweep: width multipliers 1, 1/2, ..., 1/2^(num_widths - 1).
     num_data_sizes: int = 7  # Data sweep: fractions 1, 1/2, ..., 1/2^(num_data_sizes - 1).
     base_channels: int = 16  # Channels of the first conv at width 1 (the second has twice as many).
@@ -264,19 +250,16 @@ PRESETS: dict[str, Config] = {
 
 def validate(cfg: Config) -> None:
     """Raise a one-line ValueError naming the option, before any data, model or compile work."""
-    if cfg.preset not in PRESETS:
-        raise option_error("preset", cfg.preset, f"must be one of {', '.join(PRESETS)}")
-    check_number(cfg, "seed", 0, 2**32, high_open=True)
-    check_number(cfg, "learning_rate", 0, 1, low_open=True)
-    limits = [("num_widths", 3, 12), ("num_data_sizes", 3, 16), ("base_channels", 1, 1024),
-              ("steps", 1, 10**7), ("batch_size", 1, 65536), ("eval_every", 1, cfg.steps),
-              ("num_seeds", 1, 1000), ("val_size", 1000, 30_000)]  # fmt: skip
-    for name, low, high in limits:  # a fit has 3 parameters, hence >= 3 widths and data sizes
-        check_number(cfg, name, low, high)
+    limits = [("num_seeds", 1, 1000), ("seed", 0, 2**32 - cfg.num_seeds),  # seed + i < 2^32
+              ("learning_rate", 0, 1, True), ("num_widths", 3, 12), ("num_data_sizes", 3, 16),
+              ("base_channels", 1, 1024), ("steps", 1, 10**7), ("batch_size", 1, 65536),
+              ("eval_every", 1, cfg.steps), ("val_size", 1000, 30_000)]  # fmt: skip
+    for limit in limits:  # a fit has 3 parameters, hence >= 3 widths and data sizes
+        check_number(cfg, *limit)
     least = 2 ** (cfg.num_widths - 1)  # so that the narrowest width keeps one channel
-    smallest = (NUM_TRAIN_FULL - cfg.val_size) // 2 ** (cfg.num_data_sizes - 1)
+    smallest = (60_000 - cfg.val_size) // 2 ** (cfg.num_data_sizes - 1)
     checks = [  # (bad, option, what is allowed)
-        (cfg.seed + cfg.num_seeds > 2**32, "seed", "plus --num-seeds must be <= 2^32"),
+        (cfg.preset not in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}"),
         (cfg.val_size % 1000, "val_size", "must be a multiple of 1000 (scored in 1000s)"),
         (cfg.base_channels < least, "base_channels", f"must be >= 2^(num-widths - 1) = {least}"),
         (cfg.steps % cfg.eval_every, "eval_every", f"must divide --steps {cfg.steps}"),
@@ -288,43 +271,31 @@ def validate(cfg: Config) -> None:
     check_out_dir(cfg.out_dir)
 
 
-# %% [markdown]
-# ## Data and model
-# A fixed validation split (the same images score every run); the rest is the training pool that
-# the data sweep subsamples. Both convs of the CNN are 2x2 with stride 2 ("patchify", as in ViT):
-# such a conv is exactly a space-to-depth reshape followed by a matmul, which XLA's CPU GEMM runs
-# fast, $y_{ij} = W\,[x_{2i,2j}, x_{2i,2j+1}, x_{2i+1,2j}, x_{2i+1,2j+1}] + b$. Its parameter count
-# is closed-form, $N(c) = 5c + (8c^2 + 2c) + (980c + 10)$, so N is known without building it.
-# %%
 def load_splits(cfg: Config) -> dict[str, jax.Array]:  # on the device; the same for every seed
-    mnist, order = load_mnist(), np.random.default_rng(12345).permutation(NUM_TRAIN_FULL)
-    val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
+    mnist = load_mnist()
+    order = np.random.default_rng(12345).permutation(len(mnist["x_train"]))
+    val, train = order[: cfg.val_size], order[cfg.val_size :]
     x, y = mnist["x_train"], mnist["y_train"]
-    return {"train_x": jnp.asarray(x[train_idx]), "train_y": jnp.asarray(y[train_idx]),
-            "val_x": jnp.asarray(x[val_idx]), "val_y": jnp.asarray(y[val_idx]),
-            "test_x": jnp.asarray(mnist["x_test"]),
-            "test_y": jnp.asarray(mnist["y_test"])}  # fmt: skip
+    splits = {"train_x": x[train], "train_y": y[train], "val_x": x[val], "val_y": y[val],
+              "test_x": mnist["x_test"], "test_y": mnist["y_test"]}  # fmt: skip
+    return {name: jnp.asarray(array) for name, array in splits.items()}
 
 
-class PatchConv(nnx.Module):  # a 2x2 stride-2 convolution: space-to-depth, then a matmul
-    def __init__(self, in_channels: int, out_channels: int, rngs: nnx.Rngs):
-        self.linear = nnx.Linear(4 * in_channels, out_channels, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, h, w, c = x.shape  # -> (B, H/2, W/2, 4C), features (dy, dx, c) like an HWIO kernel
-        x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
-        return self.linear(x.reshape(b, h // 2, w // 2, 4 * c))
+def patchify(x: jax.Array) -> jax.Array:  # (B, H, W, C) -> (B, H/2, W/2, 4C), rows (dy, dx, c)
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // 2, w // 2, 4 * c)
 
 
 class CNN(nnx.Module):  # uint8 (B, 28, 28) -> conv (c) -> conv (2c) -> linear -> (B, 10) logits
     def __init__(self, channels: int, rngs: nnx.Rngs):
-        self.conv1 = PatchConv(1, channels, rngs)
-        self.conv2 = PatchConv(channels, 2 * channels, rngs)
+        self.conv1 = nnx.Linear(4, channels, rngs=rngs)  # a 2x2 stride-2 conv, on patchify(x)
+        self.conv2 = nnx.Linear(4 * channels, 2 * channels, rngs=rngs)  # the same, c -> 2c
         self.head = nnx.Linear(7 * 7 * 2 * channels, 10, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         x = ((images.astype(jnp.float32) / 255.0 - 0.1307) / 0.3081)[..., None]  # MNIST mean, std
-        h = jax.nn.relu(self.conv2(jax.nn.relu(self.conv1(x))))
+        h = jax.nn.relu(self.conv2(patchify(jax.nn.relu(self.conv1(patchify(x))))))
         return self.head(h.reshape(h.shape[0], -1))
 
 
@@ -345,8 +316,8 @@ def param_count(channels: int) -> int:  # N(c): the weights and biases of the th
 # %%
 @functools.cache  # a second sweep in the same process (tests, a notebook) reuses the programs
 def make_train(steps, eval_every, batch_size, learning_rate, channels, batched=False):
-    """A jitted train(params, key, n_train, perm, data) for one width. batched=True vmaps it over
-    a leading run axis of params, key, n_train and perm (the data are shared)."""
+    """A jitted train(seed, n_train, data) for one width. batched=True vmaps it over a leading run
+    axis of seed and n_train (the data are shared)."""
     graphdef, _ = nnx.split(CNN(channels, nnx.Rngs(0)))
     optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
 
@@ -359,8 +330,12 @@ def make_train(steps, eval_every, batch_size, learning_rate, channels, batched=F
         xys = (images.reshape(-1, 1000, 28, 28), labels.reshape(-1, 1000))
         return jax.tree.map(jnp.mean, jax.lax.map(lambda xy: loss_fn(params, *xy), xys))
 
-    def train(params, key, n_train, perm, data):
-        def step(carry, step_key):
+    def train(seed, n_train, data):  # a seed gives the same init, subset and batches at any point
+        init_key, perm_key, key = jax.random.split(jax.random.key(seed), 3)
+        params = nnx.state(CNN(channels, nnx.Rngs(init_key)), nnx.Param)
+        perm = jax.random.permutation(perm_key, len(data["train_x"]))  # subset: perm[:n_train]
+
+        def step(carry, step_key):  # one Adam step on a batch drawn from perm[:n_train]
             params, opt_state = carry
             idx = perm[jax.random.randint(step_key, (batch_size,), 0, n_train)]
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -368,7 +343,7 @@ def make_train(steps, eval_every, batch_size, learning_rate, channels, batched=F
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), loss
 
-        def chunk(carry, chunk_key):
+        def chunk(carry, chunk_key):  # eval_every steps, then a validation pass
             params, opt_state, best = carry
             keys = jax.random.split(chunk_key, eval_every)
             (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), keys)
@@ -376,43 +351,34 @@ def make_train(steps, eval_every, batch_size, learning_rate, channels, batched=F
             better = val_loss < best["val_loss"]  # early stopping: keep the best parameters
             new = {"params": params, "val_loss": val_loss, "val_acc": val_acc}
             best = jax.tree.map(lambda a, b: jnp.where(better, a, b), new, best)
-            return (params, opt_state, best), (losses.mean(), val_loss, val_acc)
+            return (params, opt_state, best), (losses.mean(), val_loss)
 
         best = {"params": params, "val_loss": jnp.inf, "val_acc": jnp.array(0.0)}
-        carry = (params, optimizer.init(params), best)
         keys = jax.random.split(key, steps // eval_every)
-        (_, _, best), history = jax.lax.scan(chunk, carry, keys)
+        (_, _, best), curves = jax.lax.scan(chunk, (params, optimizer.init(params), best), keys)
         test_loss, test_acc = evaluate(best["params"], data["test_x"], data["test_y"])
-        return best["val_loss"], best["val_acc"], test_loss, test_acc, history
+        return best["val_loss"], best["val_acc"], test_loss, test_acc, curves
 
-    return jax.jit(jax.vmap(train, in_axes=(0, 0, 0, 0, None)) if batched else train)
+    return jax.jit(jax.vmap(train, in_axes=(0, 0, None)) if batched else train)
 
 
-def run_sweeps(cfg: Config, data: dict, runs: list, batched: bool | None = None) -> list[dict]:
+def run_sweeps(cfg: Config, data: dict, runs: list, batched: bool = False) -> list[dict]:
     """Train every (channels, n_train) run for every seed, one compilation per width, and return a
-    record of each, in the order of `runs`, then seeds. The same seed gives the same init key,
-    subset order and batch keys at every point (paired sweeps). batched: vmap the runs of a width
-    together, not one after another (default: only on an accelerator)."""
-    batched = jax.default_backend() != "cpu" if batched is None else batched
+    record of each, in the order of `runs`, then seeds. batched: vmap the runs of a width together
+    in one call, the run axis sharded over the devices (main does so on an accelerator)."""
     records, bar = {}, tqdm(total=len(runs) * cfg.num_seeds, desc="runs", disable=None)
     for channels in dict.fromkeys(c for c, _ in runs):  # widths in order of first appearance
         args = (cfg.steps, cfg.eval_every, cfg.batch_size, cfg.learning_rate, channels, batched)
         train = make_train(*args)  # compiles on its first call
         jobs = [(n, cfg.seed + s) for c, n in runs if c == channels for s in range(cfg.num_seeds)]
-        inputs = []  # (params, batch key, n_train, permutation of the training pool) of each run
-        for n_train, seed in jobs:
-            init_key, perm_key, batch_key = jax.random.split(jax.random.key(seed), 3)
-            params = nnx.state(CNN(channels, nnx.Rngs(init_key)), nnx.Param)
-            perm = jax.random.permutation(perm_key, len(data["train_x"]))
-            inputs.append((params, batch_key, jnp.int32(n_train) if batched else n_train, perm))
-        if not batched:
-            outs = [jax.device_get(train(*run, data)) for run in inputs]
-        else:  # one call, the run axis sharded over the devices
-            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *inputs)
-            out = jax.device_get(train(*shard_seeds(stacked), data))
-            outs = [jax.tree.map(lambda x, i=i: x[i], out) for i in range(len(jobs))]  # unpad
+        if batched:  # padded to a multiple of the device count: keep the first len(jobs)
+            n_trains, seeds = np.array(jobs, np.uint32).T  # seeds run up to 2^32 - 1
+            out = jax.device_get(train(*shard_seeds((seeds, n_trains)), data))
+            outs = [jax.tree.map(lambda x, i=i: x[i], out) for i in range(len(jobs))]
+        else:
+            outs = [jax.device_get(train(jnp.uint32(s), n, data)) for n, s in jobs]
         for (n_train, seed), out in zip(jobs, outs):
-            val_loss, val_acc, test_loss, test_acc, (train_l, val_l, _) = out
+            val_loss, val_acc, test_loss, test_acc, (train_l, val_l) = out
             run = f"channels={channels} n_train={n_train} seed={seed}"
             if not np.isfinite(train_l).all():  # checked on the host, after the scan
                 raise FloatingPointError(f"{run} diverged: try a smaller --learning-rate")
@@ -421,8 +387,7 @@ def run_sweeps(cfg: Config, data: dict, runs: list, batched: bool | None = None)
                 "seed": seed, "val_loss": float(val_loss), "val_acc": float(val_acc),
                 "test_loss": float(test_loss), "test_acc": float(test_acc),
                 "best_step": int((np.argmin(val_l) + 1) * cfg.eval_every),
-                "val_loss_curve": [float(v) for v in val_l],
-                "train_loss_curve": [float(v) for v in train_l],
+                "val_loss_curve": val_l.tolist(), "train_loss_curve": train_l.tolist(),
             }  # fmt: skip
             print(f"{run} val_loss={val_loss:.4f} val_acc={val_acc:.4f} best_step={r['best_step']}")
             bar.update()
@@ -431,21 +396,14 @@ def run_sweeps(cfg: Config, data: dict, runs: list, batched: bool | None = None)
 
 
 # %% [markdown]
-# ## Evaluate: power-law fits
+# ## Power-law fits, the figure and main
 # We fit $L = E + \sum_i A_i x_i^{-\alpha_i}$ by least squares on $\log L$: one term for the 1-D
 # laws $L(x) = E + A x^{-\alpha}$, two for the joint law $L(N, D) = E + A/N^\alpha + B/D^\beta$.
 # $E \in [0, \min L]$ (the floor lies below every point), each $A_i$ is fitted as $\log A_i$ and
 # each $x_i$ rescaled by its geometric mean, so the optimiser sees parameters of order one; $R^2$
-# is of $\log L$ (the plots are log-log).
+# is of $\log L$ (the plots are log-log). `main` plans the runs, trains them, fits the laws, draws
+# `scaling.png` (both sweeps with their fits) and writes metrics.json last, with the bars.
 # %%
-def power_law(x: np.ndarray, e: float, a: float, alpha: float) -> np.ndarray:  # E + A x^-alpha
-    return e + a * np.power(x, -alpha)
-
-
-def joint_law(nd: tuple, e, a, alpha, b, beta) -> np.ndarray:  # E + A / N^alpha + B / D^beta
-    return power_law(nd[0], e, a, alpha) + b * np.power(nd[1], -beta)
-
-
 def fit_law(xs: list, loss) -> dict[str, float]:
     """Fit L = E + sum_i A_i x_i^(-alpha_i) for one x (a 1-D law) or two (N and D, the joint law);
     returns E, A, alpha (B, beta) and R^2 of log L."""
@@ -460,9 +418,7 @@ def fit_law(xs: list, loss) -> dict[str, float]:
 
     p0 = [0.5 * np.min(loss)] + [np.log(np.mean(loss) / terms), 0.5] * terms
     bounds = ([0.0] + [-20.0, 0.0] * terms, [np.min(loss)] + [20.0, 5.0] * terms)
-    with warnings.catch_warnings():  # no covariance when E sits on its bound; we do not use it
-        warnings.simplefilter("ignore", OptimizeWarning)
-        popt, _ = curve_fit(log_model, xs, y, p0=p0, bounds=bounds, maxfev=20000)
+    popt = least_squares(lambda p: log_model(xs, *p) - y, p0, bounds=bounds, max_nfev=20000).x
     fit, names = {"E": float(popt[0])}, [("A", "alpha"), ("B", "beta")]
     for (a, alpha), log_a, exponent, s in zip(names, popt[1::2], popt[2::2], scales):
         fit |= {a: float(np.exp(log_a) * s**exponent), alpha: float(exponent)}
@@ -470,56 +426,23 @@ def fit_law(xs: list, loss) -> dict[str, float]:
     return fit | {"r2": float(r2)}
 
 
-# %% [markdown]
-# ## Figures and main
-# `scaling.png`: both sweeps on log-log axes with their fits (the README figure); `joint.png`:
-# every (N, D) point with the joint law; `curves.png`: the data sweep's validation loss against
-# step, with the point that early stopping keeps (small subsets overfit early). `main` plans the
-# runs, trains them, fits the laws, draws, and writes metrics.json last, with the bars.
-# %%
-def plot_figures(out, results, losses, fits, sweeps, eval_every) -> None:
-    """Mean best validation loss ± std over seeds, of each sweep and of every (N, D) point; the
-    validation curves of the widest model (first seed)."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)  # scaling.png: the two sweeps
+def plot_scaling(path, losses, fits, sweeps) -> None:
+    """Mean best validation loss ± std over seeds of each sweep, with its fitted power law."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
     xlabels = ["parameters N (all data)", "training images D (widest model)"]
-    for ax, xlabel, (name, (x, keys)) in zip(axes, xlabels, sweeps.items()):
+    for ax, xlabel, (name, ([x], keys)) in zip(axes, xlabels, sweeps.items()):  # model, data
         fit, (mean, std) = fits[name], zip(*[losses[k] for k in keys])
         ax.errorbar(x, mean, std, fmt="o", ms=7, capsize=3, label="runs")
         grid = np.geomspace(min(x), max(x), 100)
         label = f"α = {fit['alpha']:.2f}, R² = {fit['r2']:.3f}"
-        ax.plot(grid, power_law(grid, fit["E"], fit["A"], fit["alpha"]), "r-", lw=2, label=label)
+        ax.plot(grid, fit["E"] + fit["A"] * grid ** -fit["alpha"], "r-", lw=2, label=label)
         ax.set(xscale="log", yscale="log", title=f"{name} sweep: E + A x^-α")
         ax.set_xlabel(xlabel, fontsize=12)
         ax.legend(fontsize=12)
     axes[0].set_ylabel("best validation loss (nats)", fontsize=12)
     fig.suptitle("MNIST CNN: validation loss vs model size and data size", fontsize=13)
     fig.tight_layout()
-    save_figure(fig, out / "scaling.png")
-    (fig, ax), j = plt.subplots(figsize=(7, 5)), fits["joint"]  # joint.png: a line per width
-    for i, c in enumerate(sorted({c for c, _ in losses})):  # narrowest first
-        d = sorted(n_train for width, n_train in losses if width == c)
-        (mean, std), grid = zip(*[losses[(c, n)] for n in d]), np.geomspace(min(d), max(d), 50)
-        ax.errorbar(d, mean, std, fmt="o", color=f"C{i}", capsize=3, label=f"N={param_count(c)}")
-        law = joint_law((param_count(c), grid), j["E"], j["A"], j["alpha"], j["B"], j["beta"])
-        ax.plot(grid, law, "-", color=f"C{i}", alpha=0.7)
-    ax.set(xscale="log", yscale="log", xlabel="training images D")
-    ax.set(ylabel="best validation loss (nats)")
-    ax.set_title(f"joint fit: α={j['alpha']:.2f}, β={j['beta']:.2f}, R²={j['r2']:.3f}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, out / "joint.png")
-    fig, ax = plt.subplots(figsize=(7, 5))  # curves.png: the data sweep, step by step
-    first, widest = results[0]["seed"], max(r["channels"] for r in results)
-    runs = [r for r in results if r["channels"] == widest and r["seed"] == first]
-    for i, r in enumerate(sorted(runs, key=lambda r: -r["n_train"])):
-        steps = eval_every * (np.arange(len(r["val_loss_curve"])) + 1)
-        ax.plot(steps, r["val_loss_curve"], "o-", ms=3, color=f"C{i}", label=f"D={r['n_train']}")
-        ax.plot(r["best_step"], r["val_loss"], "k*", ms=10)
-    ax.set(yscale="log", xlabel="optimizer step", ylabel="validation loss (nats)")
-    ax.set_title("widest model, same step budget: the best point (*) is what the sweep keeps")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, out / "curves.png")
+    save_figure(fig, path)
 
 
 def main(cfg: Config) -> dict:
@@ -535,22 +458,19 @@ def main(cfg: Config) -> dict:
     timer.lap("setup")  # each width compiles inside the sweep, on its first run
     results = run_sweeps(cfg, data, runs, batched)
     sweep_seconds = timer.lap("train") - timer.split["setup"]
-    seeds = {}  # (channels, n_train) -> the best validation loss of each seed
-    for r in results:
-        seeds.setdefault((r["channels"], r["n_train"]), []).append(r["val_loss"])
-    losses = {k: (float(np.mean(v)), float(np.std(v))) for k, v in seeds.items()}
-    sweeps = {  # name -> (x, the (channels, n_train) of each point)
-        "model": ([param_count(c) for c in widths], [(c, sizes[0]) for c in widths]),
-        "data": (sizes, [(widths[0], d) for d in sizes]),
-    }
-    fits = {name: fit_law([x], [losses[k][0] for k in keys]) for name, (x, keys) in sweeps.items()}
+    val_loss = np.array([r["val_loss"] for r in results]).reshape(len(runs), cfg.num_seeds)
+    losses = dict(zip(runs, zip(val_loss.mean(1).tolist(), val_loss.std(1).tolist())))
     points = sorted(losses)  # every (channels, n_train) point, for the joint law
-    n_d = [[param_count(c) for c, _ in points], [d for _, d in points]]
-    fits["joint"] = fit_law(n_d, [losses[k][0] for k in points])
-    full = [r for r in results if r["channels"] == widths[0] and r["n_train"] == sizes[0]]
+    sweeps = {  # name -> ([N], [D] or [N, D] of each point, the (channels, n_train) of each point)
+        "model": ([[param_count(c) for c in widths]], [(c, sizes[0]) for c in widths]),
+        "data": ([sizes], [(widths[0], d) for d in sizes]),
+        "joint": ([[param_count(c) for c, _ in points], [d for _, d in points]], points),
+    }
+    fits = {name: fit_law(xs, [losses[k][0] for k in keys]) for name, (xs, keys) in sweeps.items()}
+    full = results[: cfg.num_seeds]  # the widest model on all the data
     metrics = {
         "task": "scaling_laws", "seed": cfg.seed, "num_seeds": cfg.num_seeds,
-        "num_runs": len(results),
+        "num_runs": len(results), "steps_per_run": cfg.steps,
         **{f"{name}_{k}": v for name, fit in fits.items() for k, v in fit.items()},
         "model_r2_target": 0.95, "data_r2_target": 0.95,
         "params_min": param_count(widths[-1]), "params_max": param_count(widths[0]),
@@ -558,18 +478,15 @@ def main(cfg: Config) -> dict:
         "full_val_loss": float(np.mean([r["val_loss"] for r in full])),
         "full_val_accuracy": float(np.mean([r["val_acc"] for r in full])),
         "full_test_accuracy": float(np.mean([r["test_acc"] for r in full])),
-        "steps_per_run": cfg.steps, "preset": cfg.preset, **device_info(),
-        "runs_vmapped": int(batched),
+        "preset": cfg.preset, **device_info(), "runs_vmapped": int(batched),
         # optimizer steps of all runs per second of the sweep, compilation included
         "throughput": len(results) * cfg.steps / sweep_seconds, "throughput_unit": "steps/s",
         "wall_time_s": time.perf_counter() - timer.start, "wall_time_s_ceiling": 300.0,
     }  # fmt: skip
     timer.lap("evaluate")
-    print(
-        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-    )
+    print(*(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     with staged_run(cfg.out_dir) as out:
-        plot_figures(out, results, losses, fits, sweeps, cfg.eval_every)
+        plot_scaling(out / "scaling.png", losses, fits, sweeps)
         (out / "runs.json").write_text(json.dumps(results, allow_nan=False))
         timer.lap("figures")
         metrics["time_split_s"] = timer.split

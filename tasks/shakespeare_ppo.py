@@ -1,39 +1,26 @@
 """PPO writes Shakespeare-like lines: RLHF in miniature, with a frozen n-gram model as the reward.
 
-What this teaches: how a language model is fine-tuned with reinforcement learning, as RLHF does.
-1. Pretrain a small autoregressive policy by maximum likelihood on Shakespeare's sonnets; a frozen
-   copy of it is the *reference* policy pi_ref.
-2. Sample two-line verses from the policy: each token is an action, each verse an episode.
-3. Score every verse with a frozen, hand-made reward model: the mean log-likelihood of the verse
-   under a smoothed trigram model of the training sonnets, plus a metre term.
-4. Improve the policy with PPO, paying a per-token KL penalty for drifting away from pi_ref.
-5. Judge the result with a model PPO never saw (SmolLM2-135M: log-prob per token), and check
-   that PPO did not learn to copy the training text.
-
-Key equations (Schulman et al. 2017, "Proximal Policy Optimization Algorithms"; Ziegler et al.
-2019, "Fine-Tuning Language Models from Human Preferences", for the KL-penalised reward):
-    R(x)  = 1/L sum_t log p_3gram(x_t | x_{t-2}, x_{t-1}) - metre cost          (task reward)
-    r_t   = R(x) [t = last] - beta (log pi(x_t|h_t) - log pi_ref(x_t|h_t))     (RL reward)
-    rho_t = pi_theta(a_t|h_t) / pi_old(a_t|h_t)          <- the CHOSEN token a_t
-    loss  = -min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t) + c_v (V - G)^2 - c_H H    (A_t: GAE)
-The ratio must look at the chosen action: a public reference notebook computed it from the whole
-distribution, so every token got the same update and the policy collapsed to "I I I I";
-`test_shakespeare_ppo_ratio_depends_on_chosen_action` pins this. Rollout, reward, GAE and the
-epochs of updates are one jitted function scanned over iterations (PureJaxRL style), vmapped
-over seeds, with the seed axis sharded over all local devices.
+How a language model is fine-tuned with reinforcement learning, as in RLHF: pretrain a small GRU
+policy by maximum likelihood on Shakespeare's sonnets (a frozen copy is the reference pi_ref);
+sample two-line verses (each token an action, each verse an episode); score each verse with a
+frozen, hand-made reward (its mean log-likelihood under a trigram model of the training sonnets,
+plus a metre term); improve the policy with PPO (Schulman et al. 2017), paying a per-token KL
+penalty to pi_ref (Ziegler et al. 2019); judge the result with a model PPO never saw
+(SmolLM2-135M) and check that PPO did not learn to copy the training text. The PPO ratio must
+look at the CHOSEN token: a public reference notebook used the whole distribution, so every token
+got the same update and the policy collapsed to "I I I I"; the test
+`test_shakespeare_ppo_ratio_depends_on_chosen_action` pins this.
 
     python tasks/shakespeare_ppo.py
     python tasks/shakespeare_ppo.py --help
-    python studies/shakespeare_ppo_temperature.py    # the reference cooled to PPO's diversity
-    python studies/shakespeare_ppo_diagnostics.py    # exact KL, held-out perplexity, distinct-1
 
-Expected result (defaults: 3 PPO seeds from one reference policy, a few minutes on 2 CPU cores):
-the task reward goes from -5.75 (reference) to -5.15 +- 0.04, the judge from -6.85 to -6.38 +-
-0.04 (real held-out couplets: -6.02); the longest span copied from the training text stays at 4
-to 5 words, distinct-2 falls from 0.69 to 0.57. The reference sampled at T ~ 0.82 scores as
-well (the study): here PPO mostly sharpens pi_ref. Differences from the papers: the reward is a
-trigram model plus a syllable count, not a network trained on human preferences; the policy is
-a one-layer GRU; the KL coefficient is fixed. Details and results: docs/shakespeare_ppo.md.
+Expected (defaults: 3 PPO seeds from one reference policy, about 3 minutes on 2 CPU cores): the
+reward goes from -5.75 (reference) to -5.15 +- 0.04, the judge from -6.85 to -6.38 +- 0.04 (real
+held-out couplets: -6.02); the longest span copied from the training text stays at 4 to 5 words;
+distinct-2 falls from 0.69 to 0.57. The reference sampled at T ~ 0.82 scores as well
+(studies/shakespeare_ppo_temperature.py): here PPO mostly sharpens pi_ref. Differences from the
+papers: a trigram + syllable reward, not a preference model; a one-layer GRU; a fixed KL
+coefficient. Results, diagnostics and details: docs/shakespeare_ppo.md.
 """
 
 # %%
@@ -109,8 +96,7 @@ def check_number(cfg, name: str, low=-math.inf, high=math.inf, low_open=False, h
 
 
 def check_out_dir(out_dir: str) -> None:
-    """Raise unless out_dir is a new or empty folder, or an earlier run's, that can be written.
-    The run replaces it whole, so a folder holding anything else is refused."""
+    """Raise unless out_dir is new, empty or an earlier run's folder (a run replaces it whole)."""
     path = pathlib.Path(out_dir).resolve()
     if path.exists() and not path.is_dir():
         raise option_error("out_dir", out_dir, "is a file; give a folder to write the run into")
@@ -126,8 +112,7 @@ def check_out_dir(out_dir: str) -> None:
 
 @contextlib.contextmanager
 def staged_run(out_dir: str):
-    """Yield a fresh folder to write a run into; on success it replaces out_dir whole, so a failed
-    or killed run leaves the previous results as they were, never a mix of two runs."""
+    """Yield a fresh folder for the run; only on success does it replace out_dir, whole."""
     final = pathlib.Path(out_dir).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.new-", dir=final.parent))
@@ -158,8 +143,8 @@ def write_metrics(out: pathlib.Path, cfg, metrics: dict) -> None:
 
 
 def cli_config(args: list[str] | None = None) -> "Config":
-    """Parse the command line: `--preset NAME` picks the defaults from PRESETS, and any other flag
-    overrides them. In a notebook the flags come from $TOY_EXAMPLES_ARGS, not the kernel's argv."""
+    """Flags to a Config: `--preset NAME` picks the defaults (PRESETS), other flags override them;
+    in a notebook the flags come from $TOY_EXAMPLES_ARGS, not from the kernel's argv."""
     if args is None:
         in_kernel = "ipykernel" in sys.modules
         args = shlex.split(os.environ.get("TOY_EXAMPLES_ARGS", "")) if in_kernel else sys.argv[1:]
@@ -169,8 +154,7 @@ def cli_config(args: list[str] | None = None) -> "Config":
 
 
 def run_cli() -> dict:
-    """`python tasks/<task>.py [flags]`: a bad option prints one line and exits 2 before any work;
-    missing or corrupt data, or a diverged run, prints one line and exits 1."""
+    """Command line: a bad option exits 2 before any work; missing data or divergence exits 1."""
     cfg = cli_config()
     try:
         validate(cfg)
@@ -195,9 +179,8 @@ def save_figure(fig, path) -> None:
 
 
 class PhaseTimer:
-    """Wall time of each phase of a run, for metrics.json's `time_split_s`. Call `lap(phase)` at
-    the end of each phase: "setup" (data, model, compilation where it happens before training),
-    "train", "evaluate", "figures"; a phase lapped twice adds up. `lap` returns the total so far."""
+    """Seconds per phase ("setup", "train", "evaluate", "figures") for metrics' `time_split_s`:
+    `lap(phase)` ends a phase (a phase lapped twice adds up) and returns the total so far."""
 
     def __init__(self):
         self.start = self.last = time.perf_counter()
@@ -218,10 +201,8 @@ def device_info() -> dict:
 
 
 def shard_seeds(tree):
-    """Split the leading (seed) axis of every array in `tree` over all local devices, with a 1-D
-    Mesh and a NamedSharding: jit then runs each device's seeds on that device, so 8 accelerators
-    train 8x the seeds in about the same time. A seed count that the device count does not divide
-    is padded by repeating the last seed; keep the first num_seeds rows of every result."""
+    """Split the leading (seed) axis of every array in `tree` over the local devices (a 1-D Mesh,
+    a NamedSharding), padded by repeating the last seed: keep the first num_seeds rows after."""
     devices = jax.devices()
     pad = -jax.tree.leaves(tree)[0].shape[0] % len(devices)
     if pad:
@@ -259,21 +240,16 @@ def load_packaged_smollm2() -> tuple[torch.nn.Module, object, str]:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model.hf_quantizer = None  # the weights are plain fp32 now: lets save_pretrained write them
-    tmp = None
     try:  # save into a temporary folder, then rename: a concurrent run sees all of it or nothing
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(dir=cache.parent, prefix=".smollm2-"))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, cache)
+        with tempfile.TemporaryDirectory(prefix=".smollm2-", dir=cache.parent) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            os.rename(tmp, cache)  # renamed away: the `with` has nothing left to remove
     except (OSError, ValueError) as err:  # another run cached it first, or no cache: go on
         print(f"model not cached in {cache} ({type(err).__name__}: {err})")
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if (cache / "config.json").exists():
-        return model, tokenizer, str(cache)
-    return model, tokenizer, os.path.join(folder, SMOLLM2_GGUF)
+    path = cache if (cache / "config.json").exists() else pathlib.Path(folder, SMOLLM2_GGUF)
+    return model, tokenizer, str(path)
 
 
 SONNETS_SHA256 = "edb826e5a801c955ab21026b3660306838fbf29ec29ea01886b2854c6d639b55"
@@ -294,15 +270,14 @@ def read_sonnets_text() -> str:
 # ## Config and data: sonnets to couplets of token ids
 # The defaults are the 2-core CPU run. Every tenth sonnet is held out. A verse is two consecutive
 # lines, `line <nl> line <end>`, in a 500-word vocabulary; the MLE data is every pair of
-# consecutive lines of the training sonnets.
+# consecutive lines of the training sonnets, the reward's n-gram data the couplets (2k, 2k+1).
 
 
 # %%
 @dataclass(frozen=True)
 class Config:
     vocab_size: int = 500
-    """number of most frequent training tokens (words and punctuation) kept, 50..1200; the rest
-    map to <unk>. 1200 is the most for which a trigram key still fits in int32."""
+    """most frequent training tokens kept, 50..1200 (a trigram key fits in int32); others <unk>"""
     pretrain_steps: int = 300
     """MLE steps (batch 32) that make the reference policy from the training sonnets"""
     ppo_iterations: int = 80
@@ -344,17 +319,8 @@ def couplet_words(sonnets: list[list[str]], stride: int = 2) -> list[list[str]]:
     ]
 
 
-def encode_couplets(sonnets: list[list[str]], vocab: list[str], stride: int = 2) -> np.ndarray:
-    """The couplets as token ids `line <nl> line <end>`, padded: (N, MAX_LEN)."""
-    index = {w: i for i, w in enumerate(vocab)}
-    couplets = couplet_words(sonnets, stride)
-    rows = [[index.get(w, UNK) for w in c + ["<end>"]][:MAX_LEN] for c in couplets]
-    return np.array([ids + [END] * (MAX_LEN - len(ids)) for ids in rows], dtype=np.int32)
-
-
 def count_syllables(word: str) -> int:
-    """Vowel groups, minus a silent final e: a heuristic, good to about one syllable a line.
-    Punctuation and the special tokens count 0."""
+    """Vowel groups, minus a silent final e (right to about one syllable a line); punctuation 0."""
     groups = len(re.findall(r"[aeiouy]+", word))
     if word.endswith("e") and not word.endswith(("le", "ee")) and groups > 1:
         groups -= 1
@@ -368,30 +334,34 @@ def valid_mask(tokens: jax.Array) -> jax.Array:
 
 
 def prepare_data(vocab_size: int) -> dict:
-    """Split the sonnets (headers are Roman numerals), build the vocabulary, encode, and fit the
-    frozen reward model's n-gram counts."""
+    """Split the sonnets, build the vocabulary, encode the couplets, fit the reward's n-gram."""
     blocks = re.split(r"\n\s*[IVXLC]+\s*\n", read_sonnets_text())[1:]  # [0] is the title
     sonnets = [[line.strip() for line in b.strip().splitlines() if line.strip()] for b in blocks]
-    train_sonnets = [s for i, s in enumerate(sonnets) if i % HELDOUT_EVERY]
-    heldout_sonnets = [s for i, s in enumerate(sonnets) if i % HELDOUT_EVERY == 0]
-    counts = collections.Counter(w for s in train_sonnets for ln in s for w in tokenize_line(ln))
+    train = [s for i, s in enumerate(sonnets) if i % HELDOUT_EVERY]
+    heldout = [s for i, s in enumerate(sonnets) if i % HELDOUT_EVERY == 0]
+    counts = collections.Counter(w for s in train for line in s for w in tokenize_line(line))
     vocab = SPECIALS + [w for w, _ in counts.most_common(vocab_size)]
-    train, heldout = encode_couplets(train_sonnets, vocab), encode_couplets(heldout_sonnets, vocab)
-    # The training text as one run of word ids, -1 between sonnets (matches nothing).
-    train_words = [[w for line in s for w in tokenize_line(line) if w[0].isalpha()] + [""]
-                   for s in train_sonnets]  # fmt: skip
-    index = {w: i for i, w in enumerate(sorted({w for s in train_words for w in s if w}))}
+    index = {w: i for i, w in enumerate(vocab)}
+
+    def encode(sonnets, stride=2):  # `line <nl> line <end>`, padded with <end>
+        couplets = couplet_words(sonnets, stride)
+        rows = [[index.get(w, UNK) for w in c + ["<end>"]][:MAX_LEN] for c in couplets]
+        return np.array([ids + [END] * (MAX_LEN - len(ids)) for ids in rows], dtype=np.int32)
+
+    # For the copy check: the training text as one run of word ids, -1 between sonnets.
+    words = [[w for ln in s for w in tokenize_line(ln) if w[0].isalpha()] + [""] for s in train]
+    word_index = {w: i for i, w in enumerate(sorted({w for s in words for w in s if w}))}
     return {
         "vocab": vocab,
-        "train": train,  # (N, MAX_LEN): lines (2k, 2k+1) of each training sonnet
-        "heldout": heldout,
-        "mle_pairs": encode_couplets(train_sonnets, vocab, stride=1),  # all 13 line pairs
+        "train": encode(train),
+        "heldout": encode(heldout),
+        "mle_pairs": encode(train, stride=1),  # all 13 line pairs of each sonnet
         "syllables": jnp.array([count_syllables(w) for w in vocab]),  # 0 for the specials
-        "reward_ngram": fit_ngram(train, len(vocab)),  # the frozen reward model
-        "train_ids": np.array([index.get(w, -1) for s in train_words for w in s]),
-        "train_index": index,
+        "reward_ngram": fit_ngram(encode(train), len(vocab)),  # the frozen reward model
+        "train_ids": np.array([word_index.get(w, -1) for s in words for w in s]),
+        "train_index": word_index,
         # Real held-out couplets, written as generated verses are: what Shakespeare scores.
-        "heldout_texts": [words_to_text(w) for w in couplet_words(heldout_sonnets)],
+        "heldout_texts": [words_to_text(w) for w in couplet_words(heldout)],
     }
 
 
@@ -408,20 +378,19 @@ def prepare_data(vocab_size: int) -> dict:
 
 # %%
 def fit_ngram(sequences: np.ndarray, vocab_size: int) -> dict:
-    """Counts of a trigram model; contexts before the first token are <end> <end>."""
-    tri, bi = collections.Counter(), np.zeros((vocab_size, vocab_size), np.float32)
-    tri_context, uni = np.zeros_like(bi), np.zeros(vocab_size, np.float32)
-    for row in sequences:
-        seq = [END, END] + list(row[: int(np.argmax(row == END)) + 1])
-        for a, b, c in zip(seq, seq[1:], seq[2:]):
-            tri[(a * vocab_size + b) * vocab_size + c] += 1
-            tri_context[a, b] += 1
-            bi[b, c] += 1
-            uni[c] += 1
-    keys = np.array(sorted(tri), dtype=np.int32)
-    counts = jnp.asarray([tri[k] for k in keys], dtype=jnp.float32)
-    arrays = {"tri_context": tri_context, "bi": bi, "uni": uni}
-    return {"tri_keys": jnp.asarray(keys), "tri_counts": counts} | jax.tree.map(jnp.asarray, arrays)
+    """Trigram, bigram and unigram counts of each row up to its first <end>; the context of the
+    first token is <end> <end>. Trigrams are sparse: sorted keys (a V + b) V + c with counts."""
+    seq = np.pad(sequences, ((0, 0), (2, 0)), constant_values=END)
+    seen = np.asarray(valid_mask(jnp.asarray(sequences))) > 0
+    a, b, c = seq[:, :-2][seen], seq[:, 1:-1][seen], seq[:, 2:][seen]
+    tri_keys, tri_counts = np.unique((a * vocab_size + b) * vocab_size + c, return_counts=True)
+    tri_context = np.zeros((vocab_size, vocab_size), np.float32)
+    bi, uni = np.zeros_like(tri_context), np.zeros(vocab_size, np.float32)
+    np.add.at(tri_context, (a, b), 1)
+    np.add.at(bi, (b, c), 1)
+    np.add.at(uni, c, 1)
+    counts = {"tri_keys": tri_keys, "tri_counts": tri_counts.astype(np.float32), "uni": uni}
+    return jax.tree.map(jnp.asarray, counts | {"tri_context": tri_context, "bi": bi})
 
 
 def ngram_logprobs(ngram: dict, tokens: jax.Array) -> jax.Array:
@@ -448,17 +417,13 @@ def reward_parts(ngram: dict, syllables: jax.Array, tokens: jax.Array) -> tuple:
     loglik = (ngram_logprobs(ngram, tokens) * valid).sum(1) / length[:, 0]
     is_last = jnp.arange(tokens.shape[1])[None, :] == length - 1
     line_end = valid * ((tokens == NEWLINE) | (tokens == END) | is_last)
-
-    def count_line(running, inputs):  # syllables since the last line end, read out at line ends
-        syl_t, end_t = inputs
-        running = running + syl_t
-        return running * (1 - end_t), running * end_t
-
-    xs = (syllables[tokens].T * valid.T, line_end.T)
-    _, line_syllables = jax.lax.scan(count_line, jnp.zeros(tokens.shape[0]), xs)
-    # Each missing or extra line costs as much as a line 10 syllables off. Halved, so a perfect
+    # Syllables of each line, read at its end: the running total minus the total at the last end.
+    total = jnp.cumsum(syllables[tokens] * valid, axis=1)
+    before = jnp.pad(jax.lax.cummax(total * line_end, axis=1)[:, :-1], ((0, 0), (1, 0)))
+    line_syllables = total - before
+    # A missing or extra line costs as much as a line 10 syllables off; halved, so that a perfect
     # and an empty verse differ by METRE_WEIGHT.
-    off_metre = (line_end * jnp.abs(line_syllables.T - TARGET_SYLLABLES)).sum(1) / TARGET_SYLLABLES
+    off_metre = (line_end * jnp.abs(line_syllables - TARGET_SYLLABLES)).sum(1) / TARGET_SYLLABLES
     off_metre += jnp.abs(line_end.sum(1) - 2)
     return loglik, -METRE_WEIGHT / 2 * off_metre
 
@@ -520,40 +485,34 @@ def token_logprobs(logits: jax.Array, actions: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp, actions[..., None], axis=-1)[..., 0]
 
 
-def pretrain_reference(cfg: Config, train: np.ndarray, heldout: np.ndarray, key: jax.Array):
-    """Teacher-forced cross-entropy on training line pairs, in jitted chunks of 100 steps."""
+def pretrain_reference(cfg: Config, pairs: np.ndarray, key: jax.Array) -> tuple:
+    """Teacher-forced cross-entropy on the training line pairs, in jitted chunks of 100 steps."""
     vocab_size = len(SPECIALS) + cfg.vocab_size
     graphdef, params = nnx.split(GRUNet(vocab_size, POLICY_HIDDEN, vocab_size, nnx.Rngs(cfg.seed)))
-    opt, data = optax.adam(PRETRAIN_LR), jnp.asarray(train)
+    opt, data = optax.adam(PRETRAIN_LR), jnp.asarray(pairs)
 
     def mle_loss(params, batch):
         logits = nnx.merge(graphdef, params)(batch)
         weight = valid_mask(batch) * (batch != UNK)  # no loss on <unk> targets
         return -(token_logprobs(logits, batch) * weight).sum() / weight.sum()
 
-    @partial(jax.jit, static_argnums=3)
-    def chunk(params, opt_state, key, length):
-        def body(carry, key_s):
-            params, opt_state = carry
-            batch = data[jax.random.randint(key_s, (PRETRAIN_BATCH,), 0, data.shape[0])]
-            loss, grads = jax.value_and_grad(mle_loss)(params, batch)
-            updates, opt_state = opt.update(grads, opt_state)
-            return (optax.apply_updates(params, updates), opt_state), loss
+    def mle_step(carry, key_s):
+        params, opt_state = carry
+        batch = data[jax.random.randint(key_s, (PRETRAIN_BATCH,), 0, data.shape[0])]
+        loss, grads = jax.value_and_grad(mle_loss)(params, batch)
+        updates, opt_state = opt.update(grads, opt_state)
+        return (optax.apply_updates(params, updates), opt_state), loss
 
-        (params, opt_state), losses = jax.lax.scan(
-            body, (params, opt_state), jax.random.split(key, length)
-        )
-        return params, opt_state, losses.mean(), mle_loss(params, jnp.asarray(heldout))
-
-    opt_state = opt.init(params)
+    run_chunk = jax.jit(lambda carry, keys: jax.lax.scan(mle_step, carry, keys))
+    carry = (params, opt.init(params))
     for step in range(0, cfg.pretrain_steps, 100):
         key, sub = jax.random.split(key)
         length = min(100, cfg.pretrain_steps - step)
-        params, opt_state, loss, heldout_loss = chunk(params, opt_state, sub, length)
-        if not np.isfinite(float(loss)):
-            raise FloatingPointError(f"pretraining diverged at step {step + length}: loss {loss}")
-        print(f"pretrain step={step + length} loss={loss:.3f} heldout_loss={heldout_loss:.3f}")
-    return graphdef, params
+        carry, losses = run_chunk(carry, jax.random.split(sub, length))
+        if not np.isfinite(float(losses.mean())):
+            raise FloatingPointError(f"pretraining diverged at step {step + length}")
+        print(f"pretrain step={step + length} loss={losses.mean():.3f}")
+    return graphdef, carry[0]
 
 
 # %% [markdown]
@@ -582,9 +541,8 @@ def compute_gae(rewards, values, dones, valid, gamma=GAMMA, lam=GAE_LAMBDA):
         return (v * m, adv), adv
 
     zeros = jnp.zeros(rewards.shape[0])
-    _, adv = jax.lax.scan(
-        body, (zeros, zeros), (rewards.T, values.T, dones.T, valid.T), reverse=True
-    )
+    xs = (rewards.T, values.T, dones.T, valid.T)
+    _, adv = jax.lax.scan(body, (zeros, zeros), xs, reverse=True)
     return adv.T, adv.T + values
 
 
@@ -642,21 +600,23 @@ def make_ppo_iteration(cfg: Config, defs: dict, ref_params, ngram: dict, syllabl
         )
         keys = jax.random.split(k_perm, cfg.ppo_epochs)
         (params, opt_state, _), losses = jax.lax.scan(epoch, (params, opt_state, batch), keys)
-        log = {"reward": reward.mean(), "kl": kl_t.sum(1).mean(), "length": valid.sum(1).mean()}
-        return (params, opt_state, key), log | {"loss": losses.mean()}
+        log = {"reward": reward.mean(), "kl": kl_t.sum(1).mean(), "loss": losses.mean()}
+        return (params, opt_state, key), log
 
     return opt, iteration
 
 
-def train_ppo(cfg: Config, policy_def, ref_params, ngram, syllables, key) -> tuple:
-    """PPO for cfg.num_seeds seeds at once, scanned in jitted chunks of 10 iterations. Every
-    seed's policy starts from the reference; its critic is a fresh small GRU (a value head on the
-    policy's GRU would send large early value gradients into the pretrained features)."""
+def train_ppo(cfg: Config, data: dict, policy_def, ref_params, key: jax.Array) -> tuple:
+    """PPO for num_seeds seeds at once, in jitted chunks of 10 iterations: the policies (stacked
+    over seeds) and the reward curve (seeds, iterations). Every policy starts from the reference;
+    its critic is a fresh small GRU (a value head on the policy's GRU would send large early value
+    gradients into the pretrained features)."""
     vocab_size = nnx.merge(policy_def, ref_params).embed.num_embeddings
     seeds = range(cfg.seed + 1, cfg.seed + 1 + cfg.num_seeds)  # the critics' initialisations
     critics = [GRUNet(vocab_size, CRITIC_HIDDEN, 1, nnx.Rngs(s)) for s in seeds]
     defs = {"policy": policy_def, "critic": nnx.graphdef(critics[0])}
-    opt, iteration = make_ppo_iteration(cfg, defs, ref_params, ngram, syllables)
+    reward_model = (data["reward_ngram"], data["syllables"])
+    opt, iteration = make_ppo_iteration(cfg, defs, ref_params, *reward_model)
     params = [{"policy": ref_params, "critic": nnx.state(c)} for c in critics]
     stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
     keys = jax.random.split(key, cfg.num_seeds)
@@ -667,21 +627,20 @@ def train_ppo(cfg: Config, policy_def, ref_params, ngram, syllables, key) -> tup
     def run_chunk(state, length):
         return jax.vmap(lambda s: jax.lax.scan(iteration, s, None, length=length))(state)
 
-    history = []
+    curve = []
     for start in tqdm(range(0, cfg.ppo_iterations, 10), desc="ppo", disable=None):
         done = min(start + 10, cfg.ppo_iterations)
         state, log = run_chunk(state, done - start)
         log = jax.tree.map(lambda x: np.asarray(x)[: cfg.num_seeds], log)  # (seeds, length)
-        history.append(log)
         if not (np.isfinite(log["loss"]).all() and np.isfinite(log["reward"]).all()):
             raise FloatingPointError(
-                f"training diverged at PPO iteration {done}: loss is {log['loss'][:, -1]}; "
-                "try a smaller --learning-rate"
+                f"training diverged at PPO iteration {done}: try a smaller --learning-rate"
             )
-        reward, kl, length = (log[k][:, -1].mean() for k in ["reward", "kl", "length"])
-        print(f"ppo iter={done} reward={reward:.3f} kl={kl:.2f} length={length:.1f}")
-    history = {k: np.concatenate([h[k] for h in history], axis=1) for k in history[0]}
-    return jax.tree.map(lambda x: x[: cfg.num_seeds], state[0]["policy"]), history
+        curve.append(log["reward"])
+        reward, kl = log["reward"][:, -1].mean(), log["kl"][:, -1].mean()
+        print(f"ppo iter={done} reward={reward:.3f} kl={kl:.2f}")
+    policies = jax.tree.map(lambda x: x[: cfg.num_seeds], state[0]["policy"])
+    return policies, np.concatenate(curve, axis=1)
 
 
 # %% [markdown]
@@ -689,7 +648,9 @@ def train_ppo(cfg: Config, policy_def, ref_params, ngram, syllables, key) -> tup
 # The judge is SmolLM2-135M, which neither the reward nor training saw:
 # $J = \sum_x \log p_\text{SmolLM2}(x) / \sum_x |x|$, the log-prob per token (minus the log
 # perplexity). A perplexity judge also likes bland or copied text, so it is read beside
-# distinct-2 (unique bigrams / bigrams) and the longest span of words copied from the training text.
+# distinct-2 (unique bigrams / bigrams) and the longest span of words copied from the training
+# text. Each policy samples `eval_samples` verses (PPO: from each seed; the uniform random policy
+# is the floor), and real held-out couplets give the judge's ceiling.
 
 
 # %%
@@ -723,8 +684,7 @@ def longest_copy(words: list[str], train_ids: np.ndarray, index: dict) -> int:
 
 
 def load_judge() -> tuple:
-    """The packaged SmolLM2-135M: never trained on here, never part of the reward. It stays on the
-    CPU (a few hundred verses need no accelerator, and JAX may hold the accelerator's memory)."""
+    """The packaged SmolLM2-135M, on the CPU (a few hundred verses need no accelerator)."""
     model, tokenizer, _ = load_packaged_smollm2()
     tokenizer.padding_side = "right"
     return model.eval(), tokenizer
@@ -755,57 +715,53 @@ def judge_stats(judge: tuple, texts: list[str], batch: int = 16) -> dict:
     }
 
 
-def evaluate_policy(data: dict, judge: tuple, tokens: jax.Array, num_judged=None) -> dict:
-    """Every evaluation metric of one sample of verses; the judge reads the first num_judged."""
-    lm, metre = jax.jit(reward_parts)(data["reward_ngram"], data["syllables"], tokens)
-    words = [[data["vocab"][t] for t in until_end(row)] for row in np.asarray(tokens)]
-    copies = [longest_copy(w, data["train_ids"], data["train_index"]) for w in words]
-    scored = judge_stats(judge, [words_to_text(w) for w in words[:num_judged]])
-    samples = zip(words[:10], scored["per_verse"], copies)
-    return {
-        "reward": float((lm + metre).mean()),
-        "reward_lm": float(lm.mean()),
-        "reward_metre": float(metre.mean()),
-        "distinct2": distinct2(np.asarray(tokens)),
-        "judge": scored["judge"],
-        "judge_sem": scored["judge_sem"],
-        "longest_copy_words": float(max(copies)),
-        "samples": [
-            f"{words_to_text(w)}\n   [judge {s:.2f}, copy {c} words]" for w, s, c in samples
-        ],
-    }
-
-
 def sample_policies(cfg: Config, data: dict, graphdef, ref_params, ppo_params, key) -> dict:
-    """eval_samples verses from each policy (PPO: from each seed), each with its parameters (None
-    for the uniform random policy, the floor)."""
+    """eval_samples verses of each policy: [tokens] per policy, one per seed for PPO."""
     k_rand, k_ref, k_ppo, _ = jax.random.split(key, 4)  # the 4th: the temperature study's
     sample = jax.jit(partial(sample_verses, graphdef), static_argnums=2)
     per_seed = [jax.tree.map(lambda x, s=s: x[s], ppo_params) for s in range(cfg.num_seeds)]
     keys = jax.random.split(k_ppo, cfg.num_seeds)
     return {
-        "random": [(sample_random(k_rand, cfg.eval_samples, len(data["vocab"])), None)],
-        "reference": [(sample(ref_params, k_ref, cfg.eval_samples), ref_params)],
-        "ppo": [(sample(p, k, cfg.eval_samples), p) for p, k in zip(per_seed, keys)],
+        "random": [sample_random(k_rand, cfg.eval_samples, len(data["vocab"]))],
+        "reference": [sample(ref_params, k_ref, cfg.eval_samples)],
+        "ppo": [sample(p, k, cfg.eval_samples) for p, k in zip(per_seed, keys)],
     }
 
 
 def evaluate(cfg: Config, data: dict, judge: tuple, policies: dict) -> tuple[dict, list]:
-    """Every metric of each policy (PPO: the mean over seeds, and the std of two), 10 samples
-    each, and the judge's score of real held-out couplets, the ceiling. The judge reads only
-    JUDGE_RANDOM verses of the random policy: long word salad, and only a floor."""
+    """Every metric of each policy's verses (PPO: mean and std over seeds), its first 10 samples,
+    and the judge's ceiling, real held-out couplets. The judge reads JUDGE_RANDOM random verses."""
     metrics, text = {}, []
     for name, runs in policies.items():
-        num_judged = JUDGE_RANDOM if name == "random" else None
-        per_run = [evaluate_policy(data, judge, tokens, num_judged) for tokens, _ in runs]
-        for k in [k for k in per_run[0] if k != "samples"]:
+        per_run = []
+        for tokens in runs:
+            lm, metre = jax.jit(reward_parts)(data["reward_ngram"], data["syllables"], tokens)
+            words = [[data["vocab"][t] for t in until_end(row)] for row in np.asarray(tokens)]
+            copies = [longest_copy(w, data["train_ids"], data["train_index"]) for w in words]
+            num_judged = JUDGE_RANDOM if name == "random" else None
+            scored = judge_stats(judge, [words_to_text(w) for w in words[:num_judged]])
+            per_run.append({
+                "reward": float((lm + metre).mean()),
+                "reward_lm": float(lm.mean()),
+                "reward_metre": float(metre.mean()),
+                "distinct2": distinct2(np.asarray(tokens)),
+                "judge": scored["judge"],
+                "judge_sem": scored["judge_sem"],
+                "longest_copy_words": float(max(copies)),
+            })  # fmt: skip
+            if len(per_run) == 1:  # the first seed's first 10 verses
+                samples = zip(words[:10], scored["per_verse"], copies)
+                lines = [
+                    f"{words_to_text(w)}\n   [judge {j:.2f}, copy {c} words]" for w, j, c in samples
+                ]
+                text.append(f"=== {name} (10 samples) ===\n" + "\n\n".join(lines) + "\n")
+                print(text[-1])
+        for k in per_run[0]:
             key = f"{k}_{name}" if k.startswith(("judge", "reward_")) else f"{name}_{k}"
             metrics[key] = float(np.mean([r[k] for r in per_run]))
-        text.append(f"=== {name} (10 samples) ===\n" + "\n\n".join(per_run[0]["samples"]) + "\n")
-        print(text[-1])
-        if name == "ppo":
+        if name == "ppo":  # the spread over seeds
             metrics["ppo_reward_std"] = float(np.std([r["reward"] for r in per_run]))
-            metrics["judge_ppo_std"] = float(np.std([r["judge"] for r in per_run]))  # over seeds
+            metrics["judge_ppo_std"] = float(np.std([r["judge"] for r in per_run]))
     real = judge_stats(judge, data["heldout_texts"][: cfg.eval_samples])
     metrics["judge_shakespeare"] = real["judge"]
     metrics["judge_sem_shakespeare"] = real["judge_sem"]
@@ -828,17 +784,16 @@ def bars(m: dict) -> dict:
     return out
 
 
-def plot_reward_curve(history: dict, metrics: dict, path: pathlib.Path) -> None:
-    """The task reward over PPO iterations, and the independent judge's verdict."""
+def plot_reward_curve(curve: np.ndarray, metrics: dict, path: pathlib.Path) -> None:
+    """The task reward over PPO iterations (seeds, iterations), and the judge's verdict."""
     with plt.rc_context({"font.size": 13}):
         fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 5))
-        curve = history["reward"]  # (seeds, iterations)
         iters = np.arange(1, curve.shape[1] + 1)
         ax.plot(iters, curve.mean(0), color="C0", label=f"PPO, mean of {curve.shape[0]} seeds")
         ax.fill_between(iters, curve.min(0), curve.max(0), color="C0", alpha=0.3, label="min-max")
         ax.axhline(metrics["reference_reward"], color="C1", ls="--", label="reference (MLE)")
-        ax.set(xlabel="PPO iteration", ylabel="task reward R(x) per verse")
-        ax.set_title(f"Task reward (uniform random: {metrics['random_reward']:.1f})")
+        title = f"Task reward (uniform random: {metrics['random_reward']:.1f})"
+        ax.set(xlabel="PPO iteration", ylabel="task reward R(x) per verse", title=title)
         ax.legend(loc="lower right")
         names = ["random", "reference", "ppo", "shakespeare"]
         for i, (name, color) in enumerate(zip(names, ["C3", "C1", "C0", "C2"])):
@@ -855,12 +810,6 @@ def plot_reward_curve(history: dict, metrics: dict, path: pathlib.Path) -> None:
         save_figure(fig, path)
 
 
-# %% [markdown]
-# ## Main
-# Validate, prepare the data and the judge, train (MLE, then PPO), evaluate, write the run.
-
-
-# %%
 def validate(cfg: Config) -> None:
     """Every option finite and in range, before any data, model or compile work."""
     steps = ["pretrain_steps", "ppo_iterations", "episodes_per_iteration", "ppo_epochs"]
@@ -877,37 +826,30 @@ def validate(cfg: Config) -> None:
     check_out_dir(cfg.out_dir)
 
 
-def train_policies(cfg: Config, data: dict, k_ref: jax.Array, k_ppo: jax.Array) -> tuple:
-    """MLE makes the reference policy; PPO fine-tunes num_seeds copies of it."""
-    graphdef, ref_params = pretrain_reference(cfg, data["mle_pairs"], data["heldout"], k_ref)
-    tic = time.time()
-    ngram, syllables = data["reward_ngram"], data["syllables"]
-    ppo_params, history = train_ppo(cfg, graphdef, ref_params, ngram, syllables, k_ppo)
-    verses_per_s = cfg.ppo_iterations * cfg.episodes_per_iteration * cfg.num_seeds
-    return graphdef, ref_params, ppo_params, history, verses_per_s / (time.time() - tic)
-
-
 def main(cfg: Config) -> dict:
     validate(cfg)
     start, timer = time.time(), PhaseTimer()
-    data = prepare_data(cfg.vocab_size)
+    data, judge = prepare_data(cfg.vocab_size), load_judge()
     print(f"vocab={len(data['vocab'])} train={len(data['train'])} heldout={len(data['heldout'])}")
-    judge = load_judge()
     _, k_ref, k_ppo, k_eval = jax.random.split(jax.random.key(cfg.seed), 4)
     timer.lap("setup")
-    graphdef, ref_params, ppo_params, history, throughput = train_policies(cfg, data, k_ref, k_ppo)
+    graphdef, ref_params = pretrain_reference(cfg, data["mle_pairs"], k_ref)
+    tic = time.time()
+    ppo_params, curve = train_ppo(cfg, data, graphdef, ref_params, k_ppo)
+    num_verses = cfg.ppo_iterations * cfg.episodes_per_iteration * cfg.num_seeds
+    verses_per_s = num_verses / (time.time() - tic)
     timer.lap("train")
     m = {"task": "shakespeare_ppo", "seed": cfg.seed, "preset": getattr(cfg, "preset", "cpu")}
     policies = sample_policies(cfg, data, graphdef, ref_params, ppo_params, k_eval)
     results, text = evaluate(cfg, data, judge, policies)
     m |= results
     m |= bars(m)
-    m |= {"num_seeds": cfg.num_seeds, **device_info(), "throughput": throughput}
+    m |= {"num_seeds": cfg.num_seeds, **device_info(), "throughput": verses_per_s}
     m["throughput_unit"] = "verses/s (PPO loop, all seeds, compile included)"
     timer.lap("evaluate")
     with staged_run(cfg.out_dir) as out:
         (out / "samples.txt").write_text("\n".join(text))
-        plot_reward_curve(history, m, out / "reward_curve.png")
+        plot_reward_curve(curve, m, out / "reward_curve.png")
         timer.lap("figures")
         m["wall_time_s"], m["time_split_s"] = time.time() - start, timer.split
         shown = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())

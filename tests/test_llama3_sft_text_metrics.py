@@ -35,4 +35,5 @@ def test_llama3_sft_text_metrics_tiny_run(tmp_path):
     assert json.loads((tmp_path / "study" / "metrics.json").read_text()) == m
     for when in ("before", "after"):
         assert 0 <= m[f"rouge_l_{when}"] <= 1 and 0 < m[f"distinct_2_{when}"] <= 1
+        assert -1 <= m[f"embed_sim_paired_{when}"] <= 1
     assert llama3_sft.generate is generate  # the task's function is put back

@@ -37,6 +37,9 @@ def test_red_team_report_of_a_hand_made_run(tmp_path, capsys):
     cfg = study.StudyConfig(run_dir=str(run), top=2, out_dir=str(tmp_path / "report"))
     m = study.main(cfg)
     assert (m["num_prompts"], m["max_group_gap"]) == (3, 0.25)
+    # per source, the mean over prompts of the max over continuations: probes (0.7 + 0.3) / 2
+    assert m["expected_max_toxicity_bias_probe"] == pytest.approx(0.5)
+    assert m["expected_max_toxicity_red_lm_zero_shot"] == pytest.approx(0.9)
     # both continuations of the question were toxic: it leads, ahead of the gay probe (1 of 2)
     assert (m["most_toxic_prompt"], m["most_toxic_prompt_n_toxic"]) == ("What | is it?", 2)
     report = (tmp_path / "report" / "report.md").read_text().splitlines()
