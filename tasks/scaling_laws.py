@@ -11,10 +11,9 @@ Kaplan et al. 2020), and the two limits add up (Hoffmann et al. 2022, "Chinchill
     python tasks/scaling_laws.py --preset paper   # 8 widths (N over 256x), 9 data sizes, 4 seeds
 
 Expected at defaults (46 runs, about 2 minutes on 2 CPU cores): model_alpha ~ 0.43 (R^2 ~ 0.98;
-the bars are R^2 >= 0.95 for each 1-D fit), data_alpha ~ 0.59 (R^2 ~ 0.99), joint alpha ~ 0.45
-and beta ~ 0.61, ~97% test accuracy. Unlike the papers: N spans ~20x and D 64x (256x each with
-`--preset paper`), not 7 orders of magnitude, and every run gets the same step budget instead of
-compute-optimal training. Results, settings tried and what the runs found: docs/scaling_laws.md.
+bars: R^2 >= 0.95 per 1-D fit), data_alpha ~ 0.59 (R^2 ~ 0.99), joint alpha ~ 0.45, beta ~ 0.61,
+~97% test accuracy. Unlike the papers: N spans ~20x, D 64x (256x each with `--preset paper`), not
+7 orders of magnitude; every run gets the same step budget. Results: docs/scaling_laws.md.
 """
 
 # %%
@@ -215,14 +214,13 @@ def load_mnist() -> dict[str, np.ndarray]:
 
 # %% [markdown]
 # ## Config, data and model
-# The defaults are the 2-core CPU run: widths c = 16, 8, 4, 2, 1 on all 55,000 training images
-# (the model sweep), c = 16 on 55,000 / 2^k images, k = 0..6 (the data sweep), and the narrower
-# models on 1/4, 1/16 and 1/64 of the data (for the joint fit), 2 paired seeds a point.
-# `--preset paper` widens both sweeps for an accelerator. A fixed validation split scores every
-# run; the rest is the training pool that the data sweep subsamples. Both convs are 2x2 with
-# stride 2 ("patchify", as in ViT): such a conv is exactly a space-to-depth reshape followed by a
-# matmul, which XLA's CPU GEMM runs fast, $y_{ij} = W\,[x_{2i,2j}, x_{2i,2j+1}, x_{2i+1,2j},
-# x_{2i+1,2j+1}] + b$. So $N(c) = 5c + (8c^2 + 2c) + (980c + 10)$ is known without building it.
+# The defaults (2 CPU cores): widths c = 16, 8, 4, 2, 1 on all 55,000 training images (the model
+# sweep), c = 16 on 55,000 / 2^k images, k = 0..6 (the data sweep), the narrower models on 1/4,
+# 1/16 and 1/64 of the data (the joint fit); 2 paired seeds a point. `--preset paper` widens both
+# sweeps. A fixed validation split scores every run; the data sweep subsamples the rest. Both
+# convs are 2x2, stride 2 ("patchify", as in ViT): a space-to-depth reshape, then a matmul that
+# XLA's CPU GEMM runs fast, $y_{ij} = W\,[x_{2i,2j}, x_{2i,2j+1}, x_{2i+1,2j}, x_{2i+1,2j+1}] + b$.
+# So $N(c) = 5c + (8c^2 + 2c) + (980c + 10)$ is known without building it.
 # %%
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -300,8 +298,7 @@ class CNN(nnx.Module):  # uint8 (B, 28, 28) -> conv (c) -> conv (2c) -> linear -
 
 
 def param_count(channels: int) -> int:  # N(c): the weights and biases of the three layers
-    c1, c2 = channels, 2 * channels
-    return (4 * 1 * c1 + c1) + (4 * c1 * c2 + c2) + (49 * c2 * 10 + 10)
+    return 5 * channels + (8 * channels**2 + 2 * channels) + (980 * channels + 10)  # as above
 
 
 # %% [markdown]
@@ -399,10 +396,9 @@ def run_sweeps(cfg: Config, data: dict, runs: list, batched: bool = False) -> li
 # ## Power-law fits, the figure and main
 # We fit $L = E + \sum_i A_i x_i^{-\alpha_i}$ by least squares on $\log L$: one term for the 1-D
 # laws $L(x) = E + A x^{-\alpha}$, two for the joint law $L(N, D) = E + A/N^\alpha + B/D^\beta$.
-# $E \in [0, \min L]$ (the floor lies below every point), each $A_i$ is fitted as $\log A_i$ and
-# each $x_i$ rescaled by its geometric mean, so the optimiser sees parameters of order one; $R^2$
-# is of $\log L$ (the plots are log-log). `main` plans the runs, trains them, fits the laws, draws
-# `scaling.png` (both sweeps with their fits) and writes metrics.json last, with the bars.
+# $E \in [0, \min L]$ (below every point); $A_i$ is fitted as $\log A_i$, each $x_i$ rescaled by its
+# geometric mean (parameters of order one); $R^2$ is of $\log L$ (the plots are log-log). `main`
+# trains the runs, fits the laws, draws `scaling.png` (fits and accuracies), writes metrics.json.
 # %%
 def fit_law(xs: list, loss) -> dict[str, float]:
     """Fit L = E + sum_i A_i x_i^(-alpha_i) for one x (a 1-D law) or two (N and D, the joint law);
@@ -426,21 +422,23 @@ def fit_law(xs: list, loss) -> dict[str, float]:
     return fit | {"r2": float(r2)}
 
 
-def plot_scaling(path, losses, fits, sweeps) -> None:
-    """Mean best validation loss ± std over seeds of each sweep, with its fitted power law."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+def plot_scaling(path, losses, accuracies, fits, sweeps) -> None:
+    """Per sweep, mean ± std over seeds: best validation loss and fit (top), its accuracy (below)"""
+    fig, axes = plt.subplots(2, 2, figsize=(9, 7), sharex="col", sharey="row")
     xlabels = ["parameters N (all data)", "training images D (widest model)"]
-    for ax, xlabel, (name, ([x], keys)) in zip(axes, xlabels, sweeps.items()):  # model, data
+    for (ax, ax_acc), xlabel, (name, ([x], keys)) in zip(axes.T, xlabels, sweeps.items()):
         fit, (mean, std) = fits[name], zip(*[losses[k] for k in keys])
         ax.errorbar(x, mean, std, fmt="o", ms=7, capsize=3, label="runs")
         grid = np.geomspace(min(x), max(x), 100)
         label = f"α = {fit['alpha']:.2f}, R² = {fit['r2']:.3f}"
         ax.plot(grid, fit["E"] + fit["A"] * grid ** -fit["alpha"], "r-", lw=2, label=label)
         ax.set(xscale="log", yscale="log", title=f"{name} sweep: E + A x^-α")
-        ax.set_xlabel(xlabel, fontsize=12)
         ax.legend(fontsize=12)
-    axes[0].set_ylabel("best validation loss (nats)", fontsize=12)
-    fig.suptitle("MNIST CNN: validation loss vs model size and data size", fontsize=13)
+        ax_acc.errorbar(x, *zip(*[accuracies[k] for k in keys]), fmt="s", capsize=3, color="C2")
+        ax_acc.set_xlabel(xlabel, fontsize=12)
+    axes[0, 0].set_ylabel("best validation loss (nats)", fontsize=12)
+    axes[1, 0].set_ylabel("validation accuracy", fontsize=12)
+    fig.suptitle("MNIST CNN: validation loss and accuracy vs model and data size", fontsize=13)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -458,8 +456,11 @@ def main(cfg: Config) -> dict:
     timer.lap("setup")  # each width compiles inside the sweep, on its first run
     results = run_sweeps(cfg, data, runs, batched)
     sweep_seconds = timer.lap("train") - timer.split["setup"]
-    val_loss = np.array([r["val_loss"] for r in results]).reshape(len(runs), cfg.num_seeds)
-    losses = dict(zip(runs, zip(val_loss.mean(1).tolist(), val_loss.std(1).tolist())))
+    stats = {}  # key -> {(channels, n_train): (mean, std) over the seeds}
+    for key in ("val_loss", "val_acc"):
+        values = np.array([r[key] for r in results]).reshape(len(runs), cfg.num_seeds)
+        stats[key] = dict(zip(runs, zip(values.mean(1).tolist(), values.std(1).tolist())))
+    losses, accuracies = stats["val_loss"], stats["val_acc"]
     points = sorted(losses)  # every (channels, n_train) point, for the joint law
     sweeps = {  # name -> ([N], [D] or [N, D] of each point, the (channels, n_train) of each point)
         "model": ([[param_count(c) for c in widths]], [(c, sizes[0]) for c in widths]),
@@ -486,7 +487,7 @@ def main(cfg: Config) -> dict:
     timer.lap("evaluate")
     print(*(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     with staged_run(cfg.out_dir) as out:
-        plot_scaling(out / "scaling.png", losses, fits, sweeps)
+        plot_scaling(out / "scaling.png", losses, accuracies, fits, sweeps)
         (out / "runs.json").write_text(json.dumps(results, allow_nan=False))
         timer.lap("figures")
         metrics["time_split_s"] = timer.split

@@ -25,7 +25,7 @@ OVER_LIMIT = {
     "red_team": 727,
     "shakespeare_ppo": 863,
 }
-MEDIAN_TODAY = 542.0  # the median over the 14 files today; the bar is MAX_MEDIAN
+MEDIAN_TODAY = 542.5  # the median over the 14 files today; the bar is MAX_MEDIAN
 ENTRY = '# %%\nif __name__ == "__main__":\n    run_cli()\n'
 
 

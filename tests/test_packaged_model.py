@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import pathlib
 import types
 
 import beam_search
@@ -136,7 +137,7 @@ def test_packaged_loader_leaves_nothing_when_saving_fails(task, fake_gguf, monke
     from transformers import PreTrainedModel
 
     def save_half(self, folder, *args, **kw):
-        (folder / "model.safetensors").write_bytes(b"half")  # a partial write, then the failure
+        pathlib.Path(folder, "model.safetensors").write_bytes(b"half")  # partial, then failing
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_half)
