@@ -461,16 +461,16 @@ def train(cfg: Config, agent: str, timing: dict | None = None) -> Run:
         if i == 1:
             timed_from = time.perf_counter()
         carry, trajectory = run_chunk(carry)
+        loss = carry.dqn.loss if agent == "dqn" else carry.meta.loss + carry.ctrl.loss
+        if not np.isfinite(np.asarray(loss)).all():  # NaN weights stay NaN: the last loss tells
+            raise FloatingPointError(f"{agent} diverged by step {(i + 1) * chunk}: the TD loss is "
+                                     "not finite; try a smaller --learning-rate")  # fmt: skip
         chunks.append(host(trajectory))
         print(f"agent={agent} step={(i + 1) * chunk} reward_per_episode="
               f"{chunks[-1].reward.sum() / max(chunks[-1].done.sum(), 1):.4f}")  # fmt: skip
     if timing is not None:
         timing[agent] = (cfg.num_seeds * (cfg.num_steps - chunk), time.perf_counter() - timed_from)
     carry, trajectory = host(carry), Trajectory(*(np.concatenate(x, axis=1) for x in zip(*chunks)))
-    loss = carry.dqn.loss if agent == "dqn" else carry.meta.loss + carry.ctrl.loss
-    if not np.isfinite(loss).all():  # NaN weights stay NaN, so the last loss tells
-        raise FloatingPointError(f"{agent} diverged: the TD loss is not finite; try a smaller "
-                                 "--learning-rate")  # fmt: skip
     reward, done = trajectory.reward, trajectory.done  # an episode's reward is its last step's
     rewards = [np.pad(r[d], (0, len(r) - d.sum())) for r, d in zip(reward, done)]  # zero-padded
     return Run(carry, trajectory, EpisodeLog(np.stack(rewards), done.sum(1)))

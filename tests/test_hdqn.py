@@ -209,6 +209,24 @@ def test_hdqn_same_seed_same_result():
     np.testing.assert_allclose(first.log.reward.sum(1), steps.reward.sum(1), rtol=1e-6)
 
 
+def test_hdqn_divergence_stops_the_run_and_says_where(monkeypatch):
+    make_train = hdqn.make_train
+
+    def poisoned(cfg, agent):  # the TD loss turns NaN in the first chunk
+        init, run_chunk = make_train(cfg, agent)
+
+        def run(carry):
+            carry, trajectory = run_chunk(carry)
+            return carry._replace(dqn=carry.dqn._replace(loss=carry.dqn.loss * jnp.nan)), trajectory
+
+        return init, run
+
+    monkeypatch.setattr(hdqn, "make_train", poisoned)
+    cfg = hdqn.Config(num_steps=200, num_seeds=2, buffer_size=200)
+    with pytest.raises(FloatingPointError, match=r"dqn diverged by step 20: .*--learning-rate"):
+        hdqn.train(cfg, "dqn")
+
+
 def _strict_json(text: str) -> dict:
     def refuse(constant):
         raise ValueError(f"metrics.json holds {constant}")
