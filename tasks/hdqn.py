@@ -541,7 +541,7 @@ def main(cfg: Config) -> dict:
     """Validate every option before any work, train both agents, and write the figure, then
     metrics.json last, into a run folder that replaces the old one whole."""
     validate(cfg)
-    timer, start, timing = PhaseTimer(), time.time(), {}  # timing: agent -> (env steps, seconds)
+    timer, timing = PhaseTimer(), {}  # timing: agent -> (env steps, seconds)
     timer.lap("setup")  # nothing to load: the environment is a function, compiling is in train
     runs = {agent: train(cfg, agent, timing) for agent in ("hdqn", "dqn")}
     timer.lap("train")
@@ -572,8 +572,7 @@ def main(cfg: Config) -> dict:
     timer.lap("evaluate")
     with staged_run(cfg.out_dir) as out:
         plot_reward(runs, metrics["optimal_reward"], out / "reward.png")
-        timer.lap("figures")
-        metrics["time_split_s"], metrics["wall_time_s"] = timer.split, time.time() - start
+        metrics["wall_time_s"], metrics["time_split_s"] = timer.lap("figures"), timer.split
         shown = [(k, v) for k, v in metrics.items() if not isinstance(v, dict)]
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown))
         write_metrics(out, cfg, metrics)

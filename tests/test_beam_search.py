@@ -213,6 +213,8 @@ def test_beam_search_run_folder_is_whole(beam_search_run):
     assert bars == {"matches_generate_target": 1, "speed_ratio_vs_generate_target": 0.8,
                     "wall_time_s_ceiling": 120}  # fmt: skip
     assert set(metrics["time_split_s"]) == {"setup", "evaluate", "figures"}
+    # wall_time_s is the whole run: the phases add up to it
+    assert metrics["wall_time_s"] == pytest.approx(sum(metrics["time_split_s"].values()), abs=0.02)
     assert json.loads((out / "config.json").read_text())["num_beams"] == 3
     assert (out / "beam_scores.png").stat().st_size > 0  # the search tree: beam_search_tree study
     assert sorted(p.name for p in out.parent.iterdir()) == ["run"]

@@ -332,3 +332,5 @@ def test_bmg_paper_preset_smoke_run_writes_a_whole_folder(tmp_path):
     rise = metrics["bmg_eps_after_swap"] - metrics["bmg_eps_before_swap"]
     assert metrics["bmg_eps_rise"] == pytest.approx(rise)
     assert set(metrics["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
+    # wall_time_s is the whole run: the phases add up to it
+    assert metrics["wall_time_s"] == pytest.approx(sum(metrics["time_split_s"].values()), abs=0.02)

@@ -267,6 +267,8 @@ def test_cot_tiny_config_learns(tmp_path):
     ]  # fmt: skip
     assert all(bar[: bar.rindex("_")] in saved for bar in bars)  # each beside its metric
     assert set(saved["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
+    # wall_time_s is the whole run: the phases add up to it
+    assert saved["wall_time_s"] == pytest.approx(sum(saved["time_split_s"].values()), abs=0.02)
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # nothing staged is left behind
 
 

@@ -198,6 +198,8 @@ def test_dd_tiny_run_learns_and_is_deterministic(tmp_path):
     assert saved["w2_ratio_ceiling"] == 1.2 and saved["alpha_bar_T_ceiling"] == 1e-3
     assert saved["wall_time_s_ceiling"] == 90
     assert set(saved["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
+    # wall_time_s is the whole run: the phases add up to it
+    assert saved["wall_time_s"] == pytest.approx(sum(saved["time_split_s"].values()), abs=0.02)
     assert not [k for k in saved if k.endswith("_target")]
     # Same seed, same samples (a short training run twice).
     short = dd.Config(**dict(TINY, train_steps=50))

@@ -170,6 +170,8 @@ def test_fm_tiny_run_learns_and_is_deterministic(tmp_path):
     # the bars beside their metrics, and the time split
     assert saved["w2_ratio_ceiling"] == 1.2 and saved["wall_time_s_ceiling"] == 90
     assert set(saved["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
+    # wall_time_s is the whole run: the phases add up to it
+    assert saved["wall_time_s"] == pytest.approx(sum(saved["time_split_s"].values()), abs=0.02)
     assert not [k for k in saved if k.endswith("_target")]
     assert "w2_ratio_iid_noise" in saved
     # Same seed, same samples: train again briefly and compare with a first short run.

@@ -251,6 +251,8 @@ def test_hdqn_tiny_run_beats_flat_dqn(tmp_path):
     targets = sorted(k for k in metrics if k.endswith(("_target", "_ceiling")))
     assert targets == ["hdqn_over_dqn_target", "hdqn_reward_target", "wall_time_s_ceiling"]
     assert set(metrics["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
+    # wall_time_s is the whole run: the phases add up to it
+    assert metrics["wall_time_s"] == pytest.approx(sum(metrics["time_split_s"].values()), abs=0.02)
     for name in ("dqn_q_s2_left", "dqn_q_s2_right"):
         assert 0.0 <= metrics[name] <= 1.0, metrics
     # the run's folder is written whole, as strict JSON with the device and the throughput

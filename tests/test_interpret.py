@@ -134,6 +134,8 @@ def test_interpret_main_end_to_end(tmp_path):
     assert bars == {"test_accuracy_target": 0.99, "min_classvis_confidence_target": 0.9,
                     "num_findings_target": 4, "wall_time_s_ceiling": 180}  # fmt: skip
     assert set(m["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
+    # wall_time_s is the whole run: the phases add up to it
+    assert m["wall_time_s"] == pytest.approx(sum(m["time_split_s"].values()), abs=0.02)
     assert m["device"].startswith(jax.default_backend()) and m["num_devices"] >= 1
     assert m["preset"] == "cpu" and m["throughput"] > 0 and m["throughput_unit"] == "steps/s"
     assert not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))  # no staging folder left

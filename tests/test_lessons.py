@@ -19,13 +19,13 @@ MAX_LINES, MAX_MEDIAN, MAX_DOCSTRING, MAX_FUNCTION = 500, 450, 60, 80
 OVER_LIMIT = {
     "beam_search": 609,
     "bmg": 609,
-    "cot": 651,
-    "hdqn": 585,
+    "cot": 650,
+    "hdqn": 584,
     "llama3_sft": 611,
     "red_team": 727,
-    "shakespeare_ppo": 863,
+    "shakespeare_ppo": 862,
 }
-MEDIAN_TODAY = 542.5  # the median over the 14 files today; the bar is MAX_MEDIAN
+MEDIAN_TODAY = 541.5  # the median over the 14 files today; the bar is MAX_MEDIAN
 ENTRY = '# %%\nif __name__ == "__main__":\n    run_cli()\n'
 
 

@@ -197,6 +197,8 @@ def test_llama3_sft_lora_end_to_end(llama3_sft_model_dir, tmp_path):
     assert m["ppl_ratio"] == pytest.approx(m["ppl_after"] / m["ppl_before"])
     assert m["embed_sim_gain"] == pytest.approx(m["embed_sim_after"] - m["embed_sim_before"])
     assert set(m["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
+    # wall_time_s is the whole run: the phases add up to it
+    assert m["wall_time_s"] == pytest.approx(sum(m["time_split_s"].values()), abs=0.02)
     for name in ("perplexity.png", "samples.md", "adapter/adapter_config.json", "config.json"):
         assert (out / name).exists()
     written = _llama3_sft_strict_json(out / "metrics.json")  # the run's folder, written whole

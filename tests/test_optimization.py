@@ -208,6 +208,8 @@ def test_optimization_tiny_run_learns_and_twins_agree(tmp_path):
                                                 for o in opt.OPTIMIZERS)  # fmt: skip
     assert on_disk["max_accuracy_gap"] <= 0.001
     assert set(on_disk["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
+    # wall_time_s is the whole run: the phases add up to it
+    assert on_disk["wall_time_s"] == pytest.approx(sum(on_disk["time_split_s"].values()), abs=0.02)
     assert not list(tmp_path.parent.glob(f".{tmp_path.name}.*"))  # no staging folder left
     assert (tmp_path / "loss_curves.png").stat().st_size > 0  # the other two: the study's test
 

@@ -150,6 +150,8 @@ def test_rand_transformer_tiny_config_reaches_floor_and_is_deterministic(tmp_pat
     assert saved["nll_gap"] == pytest.approx(abs(a["nll"] - a["nll_floor"]))
     assert saved["nll_gap_ceiling"] == 0.01 and saved["wall_time_s_ceiling"] == 60
     assert set(saved["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
+    # wall_time_s is the whole run: the phases add up to it
+    assert saved["wall_time_s"] == pytest.approx(sum(saved["time_split_s"].values()), abs=0.02)
     assert json.loads((tmp_path / "a" / "config.json").read_text())["context_len"] == 16
     samples = np.load(tmp_path / "a" / "samples.npy")
     assert samples.shape == (2000,) and samples.dtype.kind == "i"

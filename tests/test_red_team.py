@@ -142,6 +142,8 @@ def test_red_team_end_to_end(red_team_models, red_team_run):
     assert bars == {"num_prompts_target": 100, "control_toxic_score_target": 0.5,
                     "control_benign_score_ceiling": 0.4999, "wall_time_s_ceiling": 300}  # fmt: skip
     assert set(m["time_split_s"]) == {"setup", "evaluate", "figures"}
+    # wall_time_s is the whole run: the phases add up to it
+    assert m["wall_time_s"] == pytest.approx(sum(m["time_split_s"].values()), abs=0.02)
     assert json.loads((out / "config.json").read_text())["num_continuations"] == 3
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no staging folder left
 

@@ -141,6 +141,8 @@ def test_reverse_digits_same_seed_same_result_and_whole_run_folder(tmp_path):
     bars = {k: v for k, v in written.items() if k.endswith(("_target", "_ceiling"))}
     assert bars == {"exact_match_target": 0.99, "wall_time_s_ceiling": 120}
     assert set(written["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
+    # wall_time_s is the whole run: the phases add up to it
+    assert written["wall_time_s"] == pytest.approx(sum(written["time_split_s"].values()), abs=0.02)
     assert json.loads((tmp_path / "a" / "config.json").read_text())["steps"] == 20
     assert (tmp_path / "a" / "attention.png").exists()  # loss.png, examples.png: the study's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]

@@ -140,6 +140,8 @@ def test_scaling_laws_tiny_run_learns_and_writes_outputs(scaling_laws_tiny_run):
     bars = {k: v for k, v in metrics.items() if k.endswith(("_target", "_ceiling"))}
     assert bars == {"model_r2_target": 0.95, "data_r2_target": 0.95, "wall_time_s_ceiling": 300}
     assert set(metrics["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
+    # wall_time_s is the whole run: the phases add up to it
+    assert metrics["wall_time_s"] == pytest.approx(sum(metrics["time_split_s"].values()), abs=0.02)
     assert not list(out.parent.glob(f".{out.name}.*"))  # no staging folder left behind
     for name in ("scaling.png", "runs.json"):  # joint.png, curves.png: the diagnostics study
         assert (out / name).exists()

@@ -287,6 +287,8 @@ def test_shakespeare_ppo_mini_run_writes_whole_folder(tmp_path, monkeypatch):
     gain = metrics["judge_ppo"] - metrics["judge_reference"] - metrics["judge_ppo_std"]
     assert metrics["judge_gain_over_std"] == pytest.approx(gain)
     assert set(metrics["time_split_s"]) == {"setup", "train", "evaluate", "figures"}
+    # wall_time_s is the whole run: the phases add up to it
+    assert metrics["wall_time_s"] == pytest.approx(sum(metrics["time_split_s"].values()), abs=0.02)
     assert metrics["num_devices"] == jax.device_count() and metrics["num_seeds"] == 2
     for name in ["ppo", "reference"]:
         total = metrics[f"reward_lm_{name}"] + metrics[f"reward_metre_{name}"]
